@@ -1,0 +1,195 @@
+"""The ``diffpress`` command: inspect, sample and evaluate denoisers.
+
+MODEL is a zoo name (digits-unet, digits-cond-unet, digits-dit) or a local folder: a diffusers model
+folder (config.json + .safetensors) or a pipeline folder (model_index.json). Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from diffpress.errors import DiffpressError
+
+EPILOG = """examples:
+  diffpress inspect                                   # the default model, digits-cond-unet
+  diffpress sample digits-dit --out dit.png --guidance 4
+  diffpress eval digits-cond-unet ./my-compressed-unet --out eval/
+"""
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    from diffpress.zoo import DEFAULT_MODEL
+
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"zoo name or local model/pipeline folder (default: {DEFAULT_MODEL})")
+
+
+def _add_sampling(p: argparse.ArgumentParser, steps: int = 50) -> None:
+    from diffpress.sampling import SCHEDULERS
+
+    p.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default: {steps})")
+    p.add_argument("--scheduler", default="ddim", choices=[*SCHEDULERS, "model"],
+                   help="diffusers scheduler; 'model' uses the one the checkpoint shipped with (default: ddim)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: 3.0 for conditional models, else 1)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED+i (default: 0)")
+
+
+def _scheduler(name: str) -> str | None:
+    return None if name == "model" else name
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from diffpress import load
+    from diffpress.eval import cost
+    from diffpress.graph import capture
+
+    den = load(args.model)
+    graph = capture(den)
+    info = {
+        "model": str(args.model),
+        "architecture": type(den.model).__name__,
+        "kind": den.kind,
+        "prediction_type": den.prediction_type,
+        "sample_shape": list(den.sample_shape),
+        "conditioning": den.cond_kind,
+        "cond_shape": list(den.cond_shape),
+        "num_classes": den.num_classes,
+        "guidance": den.supports_guidance,
+        "scheduler": (den.scheduler_config or {}).get("_class_name"),
+        "params": cost.parameter_count(den),
+        "bytes": cost.bytes_on_disk(den),
+        "macs_per_call": graph.macs,
+        "layers": [{"name": l.name, "op": l.op, "macs": l.macs, "shape": list(l.shape)} for l in graph.layers],
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{info['model']}: {info['architecture']} ({den.kind})")
+    print(f"  prediction     {den.prediction_type}")
+    print(f"  sample shape   {tuple(den.sample_shape)}")
+    cond = den.cond_kind + (f", shape {tuple(den.cond_shape)}" if den.cond_shape else "")
+    cond += f", {den.num_classes} classes" if den.num_classes else ""
+    cond += ", label conditioner" if den.conditioner is not None else ""
+    print(f"  conditioning   {cond}{' (classifier-free guidance)' if den.supports_guidance else ''}")
+    print(f"  scheduler      {info['scheduler'] or 'none shipped'}")
+    print(f"  parameters     {info['params']:,}")
+    print(f"  bytes (fp32)   {info['bytes']:,}")
+    print(f"  MACs per call  {info['macs_per_call']:,} (batch 1, counted on the captured graph)")
+    print(f"\n  {'#':>3}  {'layer':<58} {'op':<10} {'MACs':>14}  output")
+    for i, l in enumerate(graph.layers):
+        print(f"  {i:>3}  {l.name:<58} {l.op:<10} {l.macs:>14,}  {tuple(l.shape)}")
+
+
+def _parse_labels(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DiffpressError(f"--labels takes comma-separated integers, got {text!r}") from None
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from diffpress import load, sample
+    from diffpress._io import check_writable
+    from diffpress.eval.grid import save_grid
+
+    check_writable(args.out, args.force)
+    labels = _parse_labels(args.labels)  # bad flags fail before the (slow) model load
+    den = load(args.model)
+    kw: dict = {}
+    if den.cond_kind != "none":
+        if labels is None:
+            if den.num_classes is None:
+                raise DiffpressError("this model is conditioned on hidden states; sample it from Python "
+                                     "with diffpress.sample(den, cond=...)")
+            labels = [i % den.num_classes for i in range(args.num)]
+        kw["labels"] = labels
+    else:
+        if labels is not None:
+            raise DiffpressError("this model is unconditional; drop --labels")
+        kw["num_samples"] = args.num
+    guidance = args.guidance if args.guidance is not None else (3.0 if den.cond_kind != "none" else 1.0)
+    out = sample(den, steps=args.steps, scheduler=_scheduler(args.scheduler), guidance=guidance,
+                 seed=args.seed, **kw)
+    rows = [("" if i else "samples", out.images[i:i + args.columns]) for i in range(0, len(out.images), args.columns)]
+    save_grid(rows, args.out, force=args.force)
+    print(f"wrote {args.out} ({len(out.images)} samples, {args.steps} steps, guidance {guidance})")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from diffpress import load
+    from diffpress._io import check_writable
+    from diffpress.eval import evaluate
+
+    check_writable(args.out, args.force)
+    ref, cand = load(args.reference), load(args.candidate)
+    if ref.sample_shape != cand.sample_shape or ref.cond_kind != cand.cond_kind:
+        raise DiffpressError(
+            f"the models do not take the same inputs: {args.reference} {ref.sample_shape}/{ref.cond_kind} vs "
+            f"{args.candidate} {cand.sample_shape}/{cand.cond_kind}")
+    report = evaluate(ref, cand, num_samples=args.samples, steps=args.steps, scheduler=_scheduler(args.scheduler),
+                      guidance=args.guidance, seed=args.seed, names=(str(args.reference), str(args.candidate)))
+    report.save(args.out, force=args.force)
+    print(report.to_markdown())
+    print(f"wrote {args.out}/report.json, report.md, grid.png")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffpress", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from diffpress import __version__
+
+    parser.add_argument("--version", action="version", version=f"diffpress {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("inspect", help="architecture, parameters, MACs, layer table, conditioning",
+                       description="Load MODEL, capture its graph with torch.export and print what it is.")
+    _add_model(p)
+    p.add_argument("--json", action="store_true", help="print the facts as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("sample", help="generate samples into a PNG grid",
+                       description="Sample MODEL with a diffusers scheduler and write a PNG grid.")
+    _add_model(p)
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--num", type=int, default=20, help="number of samples (default: 20)")
+    p.add_argument("--labels", default=None, help="comma-separated class labels, e.g. 3,3,7 (default: 0..9 repeated)")
+    p.add_argument("--columns", type=int, default=10, help="images per grid row (default: 10)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="measure a candidate denoiser against its reference",
+                       description="Sample REFERENCE and CANDIDATE with the same sampler and seeds; write "
+                                   "report.json, report.md and grid.png (reference / candidate / difference).")
+    p.add_argument("reference", help="zoo name or folder of the uncompressed model")
+    p.add_argument("candidate", help="zoo name or folder of the model to measure")
+    p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    p.add_argument("--samples", type=int, default=500, help="samples per model (default: 500)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        args.func(args)
+    except DiffpressError as exc:
+        print(f"diffpress: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffpress: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

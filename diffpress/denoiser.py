@@ -1,0 +1,236 @@
+"""Denoiser: one calling convention, ``denoiser(x_t, t, cond=None) -> prediction``, over every model kind.
+
+Supported: diffusers ``UNet2DModel`` (cond: optional class labels), ``UNet2DConditionModel`` (cond:
+encoder hidden states), ``DiTTransformer2DModel`` (cond: class labels), ``PixArtTransformer2DModel``
+(cond: text encoder states), and any ``nn.Module`` whose forward is ``(x, t, cond)``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffpress.errors import DiffpressError
+
+# diffusers class name -> (kind, conditioning kind)
+SUPPORTED: dict[str, tuple[str, str]] = {
+    "UNet2DModel": ("unet2d", "none"),
+    "UNet2DConditionModel": ("unet2d_condition", "hidden_states"),
+    "DiTTransformer2DModel": ("dit", "class"),
+    "PixArtTransformer2DModel": ("pixart", "hidden_states"),
+}
+COND_KINDS = ("none", "class", "hidden_states")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _supported_text() -> str:
+    return ", ".join(SUPPORTED) + ", or any nn.Module with forward(x, t, cond)"
+
+
+class Denoiser(nn.Module):
+    """A denoiser with one calling convention and the facts the passes need.
+
+    ``prediction_type`` is what the model predicts (``epsilon``, ``v_prediction`` or ``sample``),
+    ``sample_shape`` the ``(C, H, W)`` of ``x_t``, ``cond_kind`` one of ``none``, ``class`` (integer
+    labels) or ``hidden_states`` (``(B, tokens, dim)``). A ``conditioner`` (labels -> hidden states)
+    lets a hidden-states model be driven by class labels, with a null label for guidance.
+
+    >>> from diffusers import UNet2DModel
+    >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8),
+    ...                    norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
+    ...                    up_block_types=("UpBlock2D",) * 2)
+    >>> den = Denoiser(unet)
+    >>> den(torch.zeros(2, 1, 8, 8), torch.tensor(10)).shape
+    torch.Size([2, 1, 8, 8])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        prediction_type: str | None = None,
+        sample_shape: tuple[int, int, int] | None = None,
+        cond_kind: str | None = None,
+        cond_shape: tuple[int, ...] | None = None,
+        num_classes: int | None = None,
+        conditioner: nn.Module | None = None,
+        scheduler_config: dict | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.conditioner = conditioner
+        name = type(model).__name__
+        config = getattr(model, "config", None)
+        if name in SUPPORTED and config is not None:
+            self.kind, default_cond = SUPPORTED[name]
+        else:
+            self.kind, default_cond = "module", "none"
+        self.scheduler_config = dict(scheduler_config) if scheduler_config else None
+        self.prediction_type = (prediction_type
+                                or (self.scheduler_config or {}).get("prediction_type") or "epsilon")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise DiffpressError(f"unknown prediction_type {self.prediction_type!r}; allowed: {PREDICTION_TYPES}")
+
+        if self.kind == "module":
+            if sample_shape is None:
+                raise DiffpressError(
+                    f"{name} is not a diffusers model, so diffpress cannot read its input shape; "
+                    "pass sample_shape=(C, H, W) (and cond_kind / cond_shape if it is conditional)")
+            self.sample_shape = tuple(sample_shape)
+        else:
+            side = config.sample_size
+            h, w = (side, side) if isinstance(side, int) else tuple(side)
+            self.sample_shape = tuple(sample_shape or (config.in_channels, h, w))
+
+        if self.kind == "unet2d" and getattr(config, "num_class_embeds", None):
+            default_cond = "class"
+        self.cond_kind = cond_kind or ("hidden_states" if conditioner is not None else default_cond)
+        if self.cond_kind not in COND_KINDS:
+            raise DiffpressError(f"unknown cond_kind {self.cond_kind!r}; allowed: {COND_KINDS}")
+
+        self.num_classes = num_classes
+        if self.num_classes is None:
+            if conditioner is not None:
+                self.num_classes = conditioner.config.num_classes
+            elif self.kind == "dit":
+                self.num_classes = config.num_embeds_ada_norm
+            elif self.kind == "unet2d" and self.cond_kind == "class":
+                self.num_classes = config.num_class_embeds
+        self.cond_shape = tuple(cond_shape) if cond_shape else self._default_cond_shape()
+        # diffusers DiT/PixArt with learned sigma return 2*C channels; the prediction is the first C
+        out_channels = getattr(config, "out_channels", None) if config is not None else None
+        self._split_sigma = bool(out_channels and out_channels == 2 * self.sample_shape[0])
+
+    def _default_cond_shape(self) -> tuple[int, ...]:
+        if self.cond_kind == "none":
+            return ()
+        if self.cond_kind == "class":
+            return ()
+        if self.conditioner is not None:
+            c = self.conditioner.config
+            return (c.num_tokens, c.dim)
+        config = getattr(self.model, "config", None)
+        if self.kind == "unet2d_condition":
+            return (77, config.cross_attention_dim)
+        if self.kind == "pixart":
+            return (120, config.caption_channels or config.cross_attention_dim)
+        raise DiffpressError("cond_kind='hidden_states' needs cond_shape=(tokens, dim)")
+
+    # -- calling convention ------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.sample_shape[0]:
+            raise DiffpressError(
+                f"x_t has shape {tuple(x.shape)}; this denoiser takes (B, {self.sample_shape[0]}, H, W)")
+        if not torch.is_tensor(t):
+            t = torch.tensor(t)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        if self.cond_kind != "none" and cond is None:
+            raise DiffpressError(f"this denoiser is conditional ({self.cond_kind}); pass cond")
+        m = self.model
+        if self.kind == "unet2d":
+            out = m(x, t, class_labels=cond if self.cond_kind == "class" else None).sample
+        elif self.kind == "unet2d_condition":
+            out = m(x, t, encoder_hidden_states=cond).sample
+        elif self.kind == "dit":
+            out = m(x, timestep=t, class_labels=cond).sample
+        elif self.kind == "pixart":
+            extra = {"resolution": None, "aspect_ratio": None}
+            if m.config.use_additional_conditions:  # sizes in pixels, assuming an 8x VAE
+                b, _, h, w = x.shape
+                extra = {"resolution": torch.tensor([[h * 8.0, w * 8.0]]).expand(b, 2),
+                         "aspect_ratio": torch.tensor([[h / w]]).expand(b, 1)}
+            out = m(x, encoder_hidden_states=cond, timestep=t, added_cond_kwargs=extra).sample
+        else:
+            out = m(x, t, cond)
+            if hasattr(out, "sample"):
+                out = out.sample
+            elif isinstance(out, (tuple, list)):
+                out = out[0]
+        if self._split_sigma:
+            out = out[:, : self.sample_shape[0]]
+        return out
+
+    # -- conditioning helpers ------------------------------------------------------------------
+    @property
+    def supports_guidance(self) -> bool:
+        """True when there is a null condition for classifier-free guidance."""
+        if self.cond_kind == "class":
+            return self.kind == "dit" or self.num_classes is not None
+        return self.cond_kind == "hidden_states"
+
+    def encode_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class labels -> the ``cond`` this denoiser takes (labels themselves, or conditioner tokens)."""
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if self.conditioner is not None:
+            with torch.no_grad():
+                return self.conditioner(labels)
+        if self.cond_kind == "class":
+            return labels
+        raise DiffpressError(
+            f"this denoiser ({self.kind}, cond {self.cond_kind}) has no label conditioner; pass cond directly")
+
+    def null_cond(self, batch: int) -> torch.Tensor:
+        """The unconditional ``cond`` for classifier-free guidance."""
+        if self.conditioner is not None or (self.cond_kind == "class" and self.num_classes is not None):
+            return self.encode_labels(torch.full((batch,), self.num_classes, dtype=torch.long))
+        if self.cond_kind == "hidden_states":
+            return torch.zeros(batch, *self.cond_shape)
+        raise DiffpressError("this denoiser has no null condition; classifier-free guidance needs one")
+
+    def example_inputs(self, batch: int = 1, sample_shape: tuple[int, int, int] | None = None,
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Random ``(x_t, t, cond)`` of the right shapes and dtypes, for capture, export and timing."""
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, *(sample_shape or self.sample_shape), generator=g)
+        t = torch.full((batch,), 500, dtype=torch.long)
+        if self.cond_kind == "none":
+            cond = None
+        elif self.cond_kind == "class" or self.conditioner is not None:
+            cond = self.encode_labels(torch.randint(0, self.num_classes or 1, (batch,), generator=g))
+        else:
+            cond = torch.randn(batch, *self.cond_shape, generator=g)
+        return x, t, cond
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, force: bool = False) -> Path:
+        """Write a pipeline folder (``model_index.json``, model, scheduler, conditioner) that ``load`` reads.
+
+        Writes atomically; an existing ``path`` needs ``force=True``.
+        """
+        import diffusers
+
+        from diffpress._io import atomic_dir
+
+        if self.kind == "module":
+            raise DiffpressError(
+                f"{type(self.model).__name__} is a plain nn.Module; save its state_dict yourself "
+                "(diffpress saves diffusers models only)")
+        key = "transformer" if self.kind in ("dit", "pixart") else "unet"
+        with atomic_dir(path, force=force) as tmp:
+            self.model.save_pretrained(tmp / key)
+            index: dict[str, Any] = {"_class_name": "DiffpressPipeline", "_diffusers_version": diffusers.__version__,
+                                     key: ["diffusers", type(self.model).__name__]}
+            if self.scheduler_config is not None:
+                cls = self.scheduler_config.get("_class_name", "DDPMScheduler")
+                sched = getattr(diffusers, cls).from_config(self.scheduler_config)
+                sched.save_pretrained(tmp / "scheduler")
+                index["scheduler"] = ["diffusers", cls]
+            if self.conditioner is not None:
+                self.conditioner.save_pretrained(tmp / "conditioner")
+                index["conditioner"] = ["diffpress", type(self.conditioner).__name__]
+            index["diffpress"] = {"prediction_type": self.prediction_type}
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return Path(path)
+
+    def copy(self) -> "Denoiser":
+        """A deep copy (the passes rewrite modules in place; keep the original for evaluation)."""
+        return copy.deepcopy(self)
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind}, prediction_type={self.prediction_type}, sample_shape={self.sample_shape}, "
+                f"cond_kind={self.cond_kind}")

@@ -1,0 +1,119 @@
+"""Load a denoiser from a local path or a zoo name; never touches the network."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import diffusers
+from safetensors import SafetensorError, safe_open
+
+from diffpress.denoiser import SUPPORTED, Denoiser, _supported_text
+from diffpress.errors import DiffpressError
+
+MODEL_KEYS = ("unet", "transformer")
+
+
+def _check_safetensors(folder: Path) -> None:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        other = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".ckpt", ".pth"))
+        hint = (f" (found {', '.join(other)}: diffpress loads safetensors only; re-save with "
+                "save_pretrained(safe_serialization=True))") if other else ""
+        raise DiffpressError(f"no .safetensors weights in {folder}{hint}")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                keys = list(st.keys())
+                if keys:  # reading the last tensor proves the data section is complete
+                    st.get_slice(keys[-1])[...]
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise DiffpressError(
+                f"{f} is corrupt or truncated ({exc}); re-download or re-save the checkpoint") from exc
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DiffpressError(f"{path} is not valid JSON ({exc}); the folder is damaged") from exc
+
+
+def _load_model(folder: Path):
+    config = _read_json(folder / "config.json")
+    name = config.get("_class_name")
+    if name not in SUPPORTED:
+        raise DiffpressError(
+            f"{folder} holds a {name or 'model without _class_name'}, which diffpress does not support; "
+            f"supported: {_supported_text()}")
+    _check_safetensors(folder)
+    cls = getattr(diffusers, name)
+    try:
+        model = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                    low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise DiffpressError(f"could not load {name} from {folder}: {exc}") from exc
+    return model.eval()
+
+
+def _load_scheduler_config(folder: Path, class_name: str | None) -> dict | None:
+    path = folder / "scheduler_config.json"
+    if not path.exists():
+        return None
+    config = _read_json(path)
+    name = class_name or config.get("_class_name")
+    cls = getattr(diffusers, name, None) if name else None
+    if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
+        raise DiffpressError(f"{path} names scheduler {name!r}, which is not a diffusers scheduler")
+    return dict(cls.from_config(config).config)
+
+
+def _load_conditioner(folder: Path, spec: list):
+    from diffpress.zoo.conditioner import LabelEmbedding
+
+    if list(spec) != ["diffpress", "LabelEmbedding"]:
+        raise DiffpressError(f"unsupported conditioner {spec} in {folder.parent}; supported: diffpress LabelEmbedding")
+    _check_safetensors(folder)
+    return LabelEmbedding.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False).eval()
+
+
+def load(source: str | Path, *, prediction_type: str | None = None) -> Denoiser:
+    """Load a :class:`Denoiser` from a zoo name, a diffusers model folder or a pipeline folder.
+
+    A model folder holds ``config.json`` and safetensors weights; a pipeline folder holds
+    ``model_index.json`` with a ``unet`` or ``transformer`` and (optionally) a ``scheduler``, whose
+    config gives the prediction type and the default sampler.
+
+    >>> den = load("digits-cond-unet")
+    >>> den.kind, den.cond_kind, den.sample_shape
+    ('unet2d_condition', 'hidden_states', (1, 16, 16))
+    """
+    from diffpress import zoo
+
+    path = Path(source)
+    if not path.exists() and str(source) in zoo.DENOISERS:
+        path = zoo.path(str(source))
+    if not path.exists():
+        raise DiffpressError(
+            f"no such file or folder: {source}; give a diffusers model folder (config.json + .safetensors), "
+            f"a pipeline folder (model_index.json) or a zoo name ({', '.join(zoo.DENOISERS)})")
+    if not path.is_dir():
+        raise DiffpressError(
+            f"{source} is a file; diffpress loads folders: a diffusers model folder (config.json + "
+            ".safetensors) or a pipeline folder (model_index.json)")
+    if (path / "model_index.json").exists():
+        index = _read_json(path / "model_index.json")
+        key = next((k for k in MODEL_KEYS if k in index), None)
+        if key is None:
+            raise DiffpressError(f"{path}/model_index.json names no 'unet' or 'transformer' component")
+        model = _load_model(path / key)
+        sched_spec = index.get("scheduler")
+        scheduler_config = _load_scheduler_config(path / "scheduler", sched_spec[1] if sched_spec else None)
+        conditioner = _load_conditioner(path / "conditioner", index["conditioner"]) if "conditioner" in index else None
+        prediction_type = prediction_type or index.get("diffpress", {}).get("prediction_type")
+        return Denoiser(model, prediction_type=prediction_type, conditioner=conditioner,
+                        scheduler_config=scheduler_config)
+    if (path / "config.json").exists():
+        return Denoiser(_load_model(path), prediction_type=prediction_type)
+    raise DiffpressError(
+        f"{path} is neither a diffusers model folder (config.json + .safetensors) nor a pipeline folder "
+        "(model_index.json)")

@@ -1,0 +1,174 @@
+"""The sampler loop over a diffusers scheduler, with classifier-free guidance, seeds and trajectory recording."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import diffusers
+import torch
+from tqdm.auto import tqdm
+
+from diffpress.denoiser import Denoiser
+from diffpress.errors import DiffpressError
+
+SCHEDULERS: dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+}
+
+
+def make_scheduler(denoiser: Denoiser, name: str | None = "ddim"):
+    """A fresh diffusers scheduler for ``denoiser``: ``name`` is a key of ``SCHEDULERS`` or ``None`` for
+    the scheduler the checkpoint shipped with. The model's own noise schedule and prediction type are kept.
+
+    >>> from diffpress import load
+    >>> type(make_scheduler(load("digits-unet"), "dpm++")).__name__
+    'DPMSolverMultistepScheduler'
+    """
+    config = dict(denoiser.scheduler_config or {})
+    if name is None:
+        cls_name = config.get("_class_name", "DDPMScheduler")
+    elif name in SCHEDULERS:
+        cls_name = SCHEDULERS[name]
+    else:
+        raise DiffpressError(f"unknown scheduler {name!r}; allowed: {', '.join(SCHEDULERS)}")
+    config["prediction_type"] = denoiser.prediction_type
+    return getattr(diffusers, cls_name).from_config(config)
+
+
+@dataclass
+class Trajectory:
+    """What the denoiser saw at every step of one sampling run.
+
+    ``latents[i]`` is the model input ``x_t`` (after the scheduler's input scaling) at ``timesteps[i]``,
+    shape ``(steps, B, C, H, W)``. With guidance the denoiser saw each ``x_t`` twice, with ``cond`` and with
+    ``uncond``: :meth:`inputs` returns exactly that doubled batch.
+    """
+
+    timesteps: torch.Tensor
+    latents: torch.Tensor
+    cond: torch.Tensor | None = None
+    uncond: torch.Tensor | None = None
+    guidance: float = 1.0
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def inputs(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The ``(x_t, t, cond)`` the denoiser was called with at ``step``."""
+        x = self.latents[step]
+        cond = self.cond
+        if self.uncond is not None:
+            x = torch.cat([x, x])
+            cond = torch.cat([self.cond, self.uncond])
+        t = self.timesteps[step].expand(x.shape[0])
+        return x, t, cond
+
+
+@dataclass
+class SampleOutput:
+    """Final samples ``images`` (B, C, H, W), the requested ``labels`` if any, and the ``trajectory`` if recorded."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+    trajectory: Trajectory | None = None
+    calls: int = field(default=0)  # denoiser evaluations per sample (steps run, doubled by guidance)
+
+
+@torch.no_grad()
+def _run(denoiser: Denoiser, scheduler, x: torch.Tensor, gens: list[torch.Generator], cond, uncond,
+         guidance: float, steps: int, record: bool, bar) -> tuple[torch.Tensor, Trajectory | None, int]:
+    scheduler.set_timesteps(steps)
+    x = x * scheduler.init_noise_sigma
+    use_cfg = uncond is not None
+    rec_t, rec_x = [], []
+    for t in scheduler.timesteps:
+        xin = scheduler.scale_model_input(x, t)
+        if record:
+            rec_t.append(t.clone())
+            rec_x.append(xin.clone())
+        if use_cfg:
+            pred_c, pred_u = denoiser(torch.cat([xin, xin]), t, torch.cat([cond, uncond])).chunk(2)
+            pred = pred_u + guidance * (pred_c - pred_u)
+        else:
+            pred = denoiser(xin, t, cond)
+        kwargs = {"generator": gens} if "generator" in _step_params(scheduler) else {}
+        x = scheduler.step(pred, t, x, **kwargs).prev_sample
+        bar.update(1)
+    traj = Trajectory(torch.stack(rec_t), torch.stack(rec_x), cond, uncond, guidance) if record else None
+    return x, traj, len(scheduler.timesteps)
+
+
+def _step_params(scheduler) -> tuple[str, ...]:
+    import inspect
+
+    return tuple(inspect.signature(scheduler.step).parameters)
+
+
+def sample(
+    denoiser: Denoiser,
+    *,
+    num_samples: int | None = None,
+    labels: torch.Tensor | list[int] | None = None,
+    cond: torch.Tensor | None = None,
+    uncond: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    steps: int = 50,
+    scheduler: str | None = "ddim",
+    seed: int = 0,
+    batch_size: int = 256,
+    record: bool = False,
+    progress: bool = True,
+) -> SampleOutput:
+    """Generate samples; sample ``i`` uses seed ``seed + i``, so results do not depend on ``batch_size``.
+
+    Conditioning: ``labels`` (class ids, encoded by the denoiser) or ``cond`` directly. With
+    ``guidance != 1`` classifier-free guidance mixes in the unconditional branch (``uncond``, or the
+    denoiser's null condition). ``record=True`` keeps the :class:`Trajectory` (one batch only).
+
+    >>> from diffpress import load
+    >>> den = load("digits-cond-unet")
+    >>> out = sample(den, labels=[3, 7], guidance=3.0, steps=10, seed=0, progress=False)
+    >>> out.images.shape
+    torch.Size([2, 1, 16, 16])
+    """
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if cond is not None:
+            raise DiffpressError("pass either labels or cond, not both")
+        cond = denoiser.encode_labels(labels)
+    if cond is not None:
+        n = cond.shape[0]
+        if num_samples is not None and num_samples != n:
+            raise DiffpressError(f"num_samples={num_samples} but {n} conditions were given")
+    elif denoiser.cond_kind != "none":
+        raise DiffpressError(f"this denoiser is conditional ({denoiser.cond_kind}); pass labels or cond")
+    else:
+        n = num_samples if num_samples is not None else 1
+    use_cfg = guidance != 1.0 and cond is not None
+    if use_cfg and uncond is None:
+        uncond = denoiser.null_cond(n)
+    if not use_cfg:
+        uncond = None
+    if record and n > batch_size:
+        raise DiffpressError(f"record=True keeps one batch; ask for at most batch_size={batch_size} samples")
+    if steps < 1:
+        raise DiffpressError(f"steps must be >= 1, got {steps}")
+
+    chunks = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    images, traj = [], None
+    was_training = denoiser.training
+    denoiser.eval()
+    with tqdm(total=steps * len(chunks), desc="sampling", disable=not progress, leave=False) as bar:
+        for lo, hi in chunks:
+            gens = [torch.Generator().manual_seed(s) for s in range(seed + lo, seed + hi)]
+            x = torch.stack([torch.randn(denoiser.sample_shape, generator=g) for g in gens])
+            c = cond[lo:hi] if cond is not None else None
+            u = uncond[lo:hi] if uncond is not None else None
+            sched = make_scheduler(denoiser, scheduler)
+            out, traj, n_calls = _run(denoiser, sched, x, gens, c, u, guidance, steps, record, bar)
+            images.append(out)
+    denoiser.train(was_training)
+    return SampleOutput(torch.cat(images), labels, traj, n_calls * (2 if use_cfg else 1))
