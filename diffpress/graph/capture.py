@@ -15,6 +15,7 @@ from torch import fx, nn
 
 from diffpress.errors import DiffpressError
 from diffpress.graph.macs import COMPUTE_OPS, node_macs
+from diffpress.graph.roles import concat_split, is_compute, layer_roles
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class Layer:
     macs: int
     shape: tuple[int, ...]
     node: str
+    roles: frozenset[str] = frozenset()
+    concat_split: int | None = None  # channels of the first part when the input is a skip-concat
 
 
 class Graph:
@@ -41,11 +44,13 @@ class Graph:
     def __init__(self, gm: fx.GraphModule, example_inputs: tuple):
         self.gm = gm
         self.example_inputs = example_inputs
+        roles = layer_roles(gm, COMPUTE_OPS)
         self.layers: list[Layer] = [
             Layer(self.module_name(n), COMPUTE_OPS[n.target], self.module_type(n), node_macs(n),
-                  tuple(n.meta["val"].shape), n.name)
+                  tuple(n.meta["val"].shape), n.name, frozenset(roles[n.name]),
+                  concat_split(n) if COMPUTE_OPS[n.target] in ("conv2d", "linear") else None)
             for n in gm.graph.nodes
-            if n.op == "call_function" and n.target in COMPUTE_OPS
+            if is_compute(n, COMPUTE_OPS)
         ]
 
     @staticmethod
@@ -71,6 +76,9 @@ class Graph:
     @property
     def batch(self) -> int:
         return int(self.example_inputs[0].shape[0])
+
+    def layers_with_role(self, role: str) -> list[Layer]:
+        return [layer for layer in self.layers if role in layer.roles]
 
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

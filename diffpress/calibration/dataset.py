@@ -1,0 +1,189 @@
+"""CalibrationSet: the ``(x_t, t, cond)`` a denoiser saw along its sampling trajectories, and collect()."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from diffpress._io import atomic_file
+from diffpress.calibration.policies import TimestepPolicy
+from diffpress.denoiser import Denoiser
+from diffpress.errors import DiffpressError
+from diffpress.sampling import sample
+
+FORMAT = "diffpress.calibration/1"
+
+
+@dataclass
+class CalibrationSet:
+    """Denoiser inputs drawn from sampling trajectories, ordered by step.
+
+    ``x`` (N, C, H, W), ``t`` (N,) the timestep values, ``step`` (N,) the trajectory index, ``cond``
+    (N, ...) or None. With guidance both branches are present (conditional and null condition).
+    ``batches`` streams it in step order; a set loaded with ``lazy=True`` reads each batch from disk.
+
+    >>> import torch
+    >>> cs = CalibrationSet(torch.zeros(4, 1, 8, 8), torch.tensor([900., 900., 100., 100.]), None,
+    ...                     torch.tensor([0, 0, 1, 1]))
+    >>> [tuple(x.shape) for x, t, c in cs.batches(3)]
+    [(2, 1, 8, 8), (2, 1, 8, 8)]
+    """
+
+    x: torch.Tensor | None
+    t: torch.Tensor
+    cond: torch.Tensor | None
+    step: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+    _path: Path | None = None
+    _has_cond: bool = False
+
+    def __post_init__(self) -> None:
+        self._has_cond = self._has_cond or self.cond is not None
+        if self.x is not None:
+            _check_finite(self.x, self.t, self.cond)
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    @property
+    def timesteps(self) -> list[float]:
+        """Distinct timestep values, in sampling order (high noise first)."""
+        return sorted({float(v) for v in self.t}, reverse=True)
+
+    def _slice(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        if self._path is None:
+            return getattr(self, name)[lo:hi]
+        with safe_open(str(self._path), framework="pt") as f:
+            return f.get_slice(name)[lo:hi]
+
+    def batches(self, batch_size: int = 32) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Yield ``(x, t, cond)`` batches, each from a single trajectory step (so per-timestep statistics stay apart)."""
+        n = len(self)
+        lo = 0
+        while lo < n:
+            s = int(self.step[lo])
+            end = lo
+            while end < n and int(self.step[end]) == s and end - lo < batch_size:
+                end += 1
+            x = self._slice("x", lo, end)
+            cond = self._slice("cond", lo, end) if self._has_cond else None
+            yield x, self.t[lo:end], cond
+            lo = end
+
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        """Write one safetensors file (tensors + JSON metadata), atomically."""
+        if self.x is None:
+            raise DiffpressError("this set was loaded lazily; it already lives at " + str(self._path))
+        tensors = {"x": self.x.contiguous(), "t": self.t.contiguous(), "step": self.step.contiguous()}
+        if self.cond is not None:
+            tensors["cond"] = self.cond.contiguous()
+        with atomic_file(path, force=force) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(self.meta)})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, lazy: bool = False) -> "CalibrationSet":
+        """Read a set written by :meth:`save`; ``lazy=True`` keeps ``x`` and ``cond`` on disk."""
+        path = Path(path)
+        if not path.is_file():
+            raise DiffpressError(f"no calibration file at {path}; create one with diffpress.calibrate(...).save(path)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                md = f.metadata() or {}
+                if md.get("format") != FORMAT:
+                    raise DiffpressError(f"{path} is not a diffpress calibration set (format {md.get('format')!r})")
+                keys = set(f.keys())
+                t, step = f.get_tensor("t"), f.get_tensor("step")
+                x = None if lazy else f.get_tensor("x")
+                cond = f.get_tensor("cond") if ("cond" in keys and not lazy) else None
+                if lazy:  # check the data section is whole before promising to stream it
+                    f.get_slice("x")[len(t) - 1:len(t)]
+        except (SafetensorError, OSError) as exc:
+            raise DiffpressError(f"{path} is corrupt or truncated ({exc}); collect the calibration set again") from exc
+        return cls(x, t, cond, step, json.loads(md.get("meta", "{}")), _path=path if lazy else None,
+                   _has_cond="cond" in keys)
+
+
+def _check_finite(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> None:
+    for name, v in (("x", x), ("t", t), ("cond", cond)):
+        if v is not None and v.is_floating_point() and not torch.isfinite(v).all():
+            bad = sorted({float(s) for s in t[~torch.isfinite(v).flatten(1).all(1)]}) if v.dim() > 1 else []
+            raise DiffpressError(
+                f"calibration data {name!r} contains NaN or inf" + (f" at timesteps {bad}" if bad else "")
+                + "; the model diverged while sampling or the inputs are bad: fix the model or the inputs, "
+                  "then collect again")
+
+
+def collect(
+    denoiser: Denoiser,
+    *,
+    num_samples: int = 64,
+    steps: int = 50,
+    scheduler: str | None = "ddim",
+    guidance: float | None = None,
+    policy: TimestepPolicy | None = None,
+    labels: torch.Tensor | None = None,
+    cond: torch.Tensor | None = None,
+    seed: int = 1000,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> CalibrationSet:
+    """Run the full-precision sampler and keep the denoiser inputs at the steps ``policy`` selects.
+
+    Seeds start at 1000 by default, apart from the evaluation seeds (0, 1, ...), so quality is never
+    measured on the calibration trajectories. Conditional models get labels ``0..num_classes-1``
+    repeated unless ``labels`` or ``cond`` is given; with guidance both branches are kept.
+
+    >>> from diffpress import load
+    >>> cs = collect(load("digits-cond-unet"), num_samples=4, steps=10,
+    ...              policy=TimestepPolicy("uniform", count=3), progress=False)
+    >>> len(cs), len(cs.timesteps)  # 4 samples x 2 CFG branches x 3 steps
+    (24, 3)
+    """
+    policy = policy or TimestepPolicy()
+    if guidance is None:
+        guidance = 3.0 if denoiser.supports_guidance and denoiser.cond_kind != "none" else 1.0
+    if cond is None and labels is None and denoiser.cond_kind != "none":
+        if denoiser.num_classes is None:
+            raise DiffpressError("this model is conditioned on hidden states; pass cond=(N, tokens, dim) to collect")
+        labels = torch.arange(num_samples) % denoiser.num_classes
+    per_step: dict[int, list[tuple]] = {}
+    chosen: list[int] | None = None
+    timesteps: dict[int, float] = {}
+    with tqdm(total=num_samples, desc="calibration trajectories", disable=not progress, leave=False) as bar:
+        for lo in range(0, num_samples, batch_size):
+            hi = min(lo + batch_size, num_samples)
+            kw: dict[str, Any] = {}
+            if labels is not None:
+                kw["labels"] = torch.as_tensor(labels)[lo:hi]
+            elif cond is not None:
+                kw["cond"] = cond[lo:hi]
+            else:
+                kw["num_samples"] = hi - lo
+            out = sample(denoiser, steps=steps, scheduler=scheduler, guidance=guidance, seed=seed + lo,
+                         batch_size=hi - lo, record=True, progress=False, **kw)
+            traj = out.trajectory
+            chosen = policy.select(len(traj)) if chosen is None else chosen
+            for s in chosen:
+                per_step.setdefault(s, []).append(traj.inputs(s))
+                timesteps[s] = float(traj.timesteps[s])
+            bar.update(hi - lo)
+    xs, ts, cs, ss = [], [], [], []
+    for s in sorted(per_step):
+        for x, t, c in per_step[s]:
+            xs.append(x)
+            ts.append(t.float())
+            ss.append(torch.full((len(x),), s, dtype=torch.long))
+            if c is not None:
+                cs.append(c)
+    meta = {"policy": policy.__dict__, "num_samples": num_samples, "steps": steps,
+            "scheduler": scheduler or "model default", "guidance": guidance, "seed": seed,
+            "sample_shape": list(denoiser.sample_shape), "cond_kind": denoiser.cond_kind,
+            "selected_steps": sorted(per_step), "timesteps": [timesteps[s] for s in sorted(per_step)]}
+    return CalibrationSet(torch.cat(xs), torch.cat(ts), torch.cat(cs) if cs else None, torch.cat(ss), meta)
