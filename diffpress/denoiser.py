@@ -24,6 +24,7 @@ SUPPORTED: dict[str, tuple[str, str]] = {
     "PixArtTransformer2DModel": ("pixart", "hidden_states"),
 }
 COND_KINDS = ("none", "class", "hidden_states")
+COMPRESSED_FORMAT = "diffpress.compressed/1"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -63,6 +64,8 @@ class Denoiser(nn.Module):
         super().__init__()
         self.model = model
         self.conditioner = conditioner
+        self.timestep_context = None  # set by passes whose layers depend on t (timestep-grouped quantizers)
+        self.compression: list[dict[str, Any]] = []  # one record per applied pass, enough to rebuild the modules
         name = type(model).__name__
         config = getattr(model, "config", None)
         if name in SUPPORTED and config is not None:
@@ -131,6 +134,8 @@ class Denoiser(nn.Module):
             t = t.expand(x.shape[0])
         if self.cond_kind != "none" and cond is None:
             raise DiffpressError(f"this denoiser is conditional ({self.cond_kind}); pass cond")
+        if self.timestep_context is not None:
+            self.timestep_context.t = t
         m = self.model
         if self.kind == "unet2d":
             out = m(x, t, class_labels=cond if self.cond_kind == "class" else None).sample
@@ -200,7 +205,9 @@ class Denoiser(nn.Module):
     def save_pretrained(self, path: str | Path, force: bool = False) -> Path:
         """Write a pipeline folder (``model_index.json``, model, scheduler, conditioner) that ``load`` reads.
 
-        Writes atomically; an existing ``path`` needs ``force=True``.
+        A compressed denoiser is written as its architecture config, ``compressed.safetensors`` (its whole
+        state: integer weights, scales) and ``diffpress.json`` (the passes and per-layer settings), so
+        ``load`` rebuilds it without recalibrating. Writes atomically; an existing ``path`` needs ``force=True``.
         """
         import diffusers
 
@@ -212,7 +219,16 @@ class Denoiser(nn.Module):
                 "(diffpress saves diffusers models only)")
         key = "transformer" if self.kind in ("dit", "pixart") else "unet"
         with atomic_dir(path, force=force) as tmp:
-            self.model.save_pretrained(tmp / key)
+            if self.compression:
+                from safetensors.torch import save_file
+
+                self.model.save_config(tmp / key)
+                state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+                save_file(state, str(tmp / "compressed.safetensors"))
+                (tmp / "diffpress.json").write_text(json.dumps(
+                    {"format": COMPRESSED_FORMAT, "passes": self.compression}, indent=2) + "\n")
+            else:
+                self.model.save_pretrained(tmp / key)
             index: dict[str, Any] = {"_class_name": "DiffpressPipeline", "_diffusers_version": diffusers.__version__,
                                      key: ["diffusers", type(self.model).__name__]}
             if self.scheduler_config is not None:
@@ -220,8 +236,10 @@ class Denoiser(nn.Module):
                 sched = getattr(diffusers, cls).from_config(self.scheduler_config)
                 sched.save_pretrained(tmp / "scheduler")
                 index["scheduler"] = ["diffusers", cls]
-            if self.conditioner is not None:
+            if self.conditioner is not None and not self.compression:
                 self.conditioner.save_pretrained(tmp / "conditioner")
+            elif self.conditioner is not None:  # its weights are in compressed.safetensors
+                self.conditioner.save_config(tmp / "conditioner")
                 index["conditioner"] = ["diffpress", type(self.conditioner).__name__]
             index["diffpress"] = {"prediction_type": self.prediction_type}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

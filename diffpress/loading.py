@@ -76,6 +76,44 @@ def _load_conditioner(folder: Path, spec: list):
     return LabelEmbedding.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False).eval()
 
 
+def _load_compressed(path: Path, index: dict, key: str, prediction_type: str | None) -> Denoiser:
+    """A model saved after compression: architecture from its config, modules rebuilt from diffpress.json,
+    values from compressed.safetensors."""
+    from safetensors.torch import load_file
+
+    from diffpress.compress import restore
+    from diffpress.denoiser import COMPRESSED_FORMAT
+    from diffpress.zoo.conditioner import LabelEmbedding
+
+    manifest = _read_json(path / "diffpress.json")
+    if manifest.get("format") != COMPRESSED_FORMAT:
+        raise DiffpressError(f"{path}/diffpress.json has format {manifest.get('format')!r}; this diffpress reads "
+                             f"{COMPRESSED_FORMAT}: upgrade diffpress or re-run the compression")
+    config = _read_json(path / key / "config.json")
+    name = config.get("_class_name")
+    if name not in SUPPORTED:
+        raise DiffpressError(f"{path / key} holds a {name}, which diffpress does not support; supported: {_supported_text()}")
+    model = getattr(diffusers, name).from_config(config).eval()
+    conditioner = None
+    if "conditioner" in index:
+        conditioner = LabelEmbedding.from_config(_read_json(path / "conditioner" / "config.json")).eval()
+    sched_spec = index.get("scheduler")
+    den = Denoiser(model, conditioner=conditioner,
+                   prediction_type=prediction_type or index.get("diffpress", {}).get("prediction_type"),
+                   scheduler_config=_load_scheduler_config(path / "scheduler", sched_spec[1] if sched_spec else None))
+    restore(den, manifest["passes"])
+    weights = path / "compressed.safetensors"
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise DiffpressError(f"{weights} is missing, corrupt or truncated ({exc}); re-save the compressed model") from exc
+    result = den.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise DiffpressError(f"{weights} does not match diffpress.json: missing {result.missing_keys[:5]}, "
+                             f"unexpected {result.unexpected_keys[:5]}")
+    return den.eval()
+
+
 def load(source: str | Path, *, prediction_type: str | None = None) -> Denoiser:
     """Load a :class:`Denoiser` from a zoo name, a diffusers model folder or a pipeline folder.
 
@@ -105,6 +143,8 @@ def load(source: str | Path, *, prediction_type: str | None = None) -> Denoiser:
         key = next((k for k in MODEL_KEYS if k in index), None)
         if key is None:
             raise DiffpressError(f"{path}/model_index.json names no 'unet' or 'transformer' component")
+        if (path / "diffpress.json").exists():
+            return _load_compressed(path, index, key, prediction_type)
         model = _load_model(path / key)
         sched_spec = index.get("scheduler")
         scheduler_config = _load_scheduler_config(path / "scheduler", sched_spec[1] if sched_spec else None)

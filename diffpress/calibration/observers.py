@@ -1,0 +1,95 @@
+"""Activation observers: per-layer, per-timestep statistics of the inputs of the layers to quantize.
+
+For every (layer, timestep) the observer keeps the running min / max and a bounded random sample of
+values, enough for percentile and MSE-optimal range rules. Layers whose input is a skip-concat are
+observed per part (channels ``[:split]`` and ``[split:]``) so the two parts can get their own ranges.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffpress.calibration.dataset import CalibrationSet
+
+
+@dataclass
+class StepStats:
+    """Statistics of one activation at one timestep."""
+
+    min: float = float("inf")
+    max: float = float("-inf")
+    count: int = 0
+    samples: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+    def update(self, x: torch.Tensor, max_samples: int, gen: torch.Generator) -> None:
+        x = x.detach().float().flatten()
+        self.min = min(self.min, float(x.min()))
+        self.max = max(self.max, float(x.max()))
+        self.count += x.numel()
+        take = min(x.numel(), max_samples)
+        picked = x[torch.randint(0, x.numel(), (take,), generator=gen)]
+        pool = torch.cat([self.samples, picked])
+        if len(pool) > max_samples:
+            pool = pool[torch.randperm(len(pool), generator=gen)[:max_samples]]
+        self.samples = pool
+
+
+# layer name -> part index (0, or 0/1 for split inputs) -> timestep -> StepStats
+ActivationStats = dict[str, list[dict[float, StepStats]]]
+
+
+def observe(
+    denoiser: nn.Module,
+    calibration: CalibrationSet,
+    layers: dict[str, int | None],
+    *,
+    batch_size: int = 32,
+    max_samples: int = 4096,
+    seed: int = 0,
+    progress: bool = True,
+) -> ActivationStats:
+    """Run ``denoiser`` over ``calibration`` and record the input statistics of ``layers``.
+
+    ``layers`` maps module names (relative to ``denoiser``) to a concat split (channels of the first
+    part) or ``None``.
+
+    >>> import diffpress
+    >>> from diffpress.calibration import collect, TimestepPolicy
+    >>> den = diffpress.load("digits-unet")
+    >>> cs = collect(den, num_samples=2, steps=4, policy=TimestepPolicy("all"), progress=False)
+    >>> stats = observe(den, cs, {"model.conv_in": None}, progress=False)
+    >>> sorted(stats["model.conv_in"][0])  # the four DDIM timesteps
+    [0.0, 250.0, 500.0, 750.0]
+    """
+    gen = torch.Generator().manual_seed(seed)
+    stats: ActivationStats = {name: [{} for _ in range(1 if split is None else 2)] for name, split in layers.items()}
+    current_t: list[float] = [0.0]
+    handles = []
+
+    def make_hook(name: str, split: int | None):
+        def hook(module, args):
+            x = args[0]
+            parts = [x] if split is None else [x[:, :split], x[:, split:]]
+            for part, store in zip(parts, stats[name]):
+                store.setdefault(current_t[0], StepStats()).update(part, max_samples, gen)
+        return hook
+
+    for name, split in layers.items():
+        handles.append(denoiser.get_submodule(name).register_forward_pre_hook(make_hook(name, split)))
+    was_training = denoiser.training
+    denoiser.eval()
+    try:
+        with torch.no_grad(), tqdm(total=len(calibration), desc="observing activations",
+                                   disable=not progress, leave=False) as bar:
+            for x, t, cond in calibration.batches(batch_size):  # streamed: a lazy set stays on disk
+                current_t[0] = float(t[0])
+                denoiser(x, t, cond)
+                bar.update(len(x))
+    finally:
+        for h in handles:
+            h.remove()
+        denoiser.train(was_training)
+    return stats

@@ -1,0 +1,205 @@
+"""Timestep-aware post-training quantization: ``quantize_(denoiser, config, calibration)``.
+
+Weights: int8 or int4, symmetric, per output channel or per group. Activations: static int8 per
+tensor, the range taken from per-timestep statistics by a named rule, or kept as K timestep groups
+picked at run time from ``t``. Layers whose input is a UNet skip-concat get one quantizer per part
+(Q-Diffusion's split). Which layers stay in float is decided by role (from the graph) and glob
+patterns, and every skipped layer is reported with its reason.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from diffpress.calibration.dataset import CalibrationSet
+from diffpress.calibration.observers import observe
+from diffpress.compress.quant import (RANGE_RULES, ActQuant, QuantConv2d, QuantLinear, TimestepContext,
+                                      act_qparams, aggregate_range, timestep_groups)
+from diffpress.denoiser import Denoiser
+from diffpress.errors import DiffpressError
+from diffpress.graph import capture
+
+ROLES = ("time_embedding", "cond_projection", "first", "last", "attn_q", "attn_k", "attn_v", "attn_out",
+         "shortcut", "body")
+
+
+@dataclass
+class QuantizeConfig:
+    """What to quantize and how. Defaults: W8A8, per-channel weights, one MSE-optimal activation range.
+
+    >>> QuantizeConfig(weights="int4", group_size=32).weight_bits
+    4
+    >>> QuantizeConfig(weights="int3")
+    Traceback (most recent call last):
+    ...
+    diffpress.errors.DiffpressError: weights: 'int3' is not allowed; allowed: int8, int4
+    """
+
+    weights: str = "int8"
+    group_size: int | None = None  # None: per output channel; N: groups of N input elements
+    activations: str | None = "int8"  # None: weight-only
+    act_rule: str = "mse"
+    percentile: float = 99.99
+    timestep_groups: int = 1
+    symmetric_activations: bool = False  # True for TensorRT-style targets
+    split_concat: bool = True
+    skip_roles: list[str] = field(default_factory=lambda: ["time_embedding", "first", "last"])
+    skip: list[str] = field(default_factory=list)  # glob patterns over module names
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _allowed("weights", self.weights, ("int8", "int4"))
+        _allowed("activations", self.activations, ("int8", None))
+        _allowed("act_rule", self.act_rule, RANGE_RULES)
+        for r in self.skip_roles:
+            _allowed("skip_roles", r, ROLES)
+        if self.group_size is not None and self.group_size < 1:
+            raise DiffpressError(f"group_size: must be a positive integer or null, got {self.group_size}")
+        if self.timestep_groups < 1:
+            raise DiffpressError(f"timestep_groups: must be >= 1, got {self.timestep_groups}")
+        if not 50 < self.percentile <= 100:
+            raise DiffpressError(f"percentile: must be in (50, 100], got {self.percentile}")
+
+    @property
+    def weight_bits(self) -> int:
+        return int(self.weights[3:])
+
+
+def _allowed(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        names = ", ".join("null" if a is None else str(a) for a in allowed)
+        raise DiffpressError(f"{key}: {value!r} is not allowed; allowed: {names}")
+
+
+@dataclass
+class QuantizeReport:
+    """Which layers were quantized (with their settings) and which stayed in float, and why."""
+
+    quantized: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"quantized {len(self.quantized)} layers, {len(self.skipped)} left in float"]
+        lines += [f"  float: {s['name']} ({s['reason']})" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def _skip_reason(layer, module: nn.Module, config: QuantizeConfig, calls: dict[str, int]) -> str | None:
+    if type(module) not in (nn.Linear, nn.Conv2d):
+        return f"{type(module).__name__} is not an nn.Linear or nn.Conv2d"
+    if calls[layer.name] > 1:
+        return "module is called more than once per step (shared weights)"
+    hit = sorted(set(config.skip_roles) & layer.roles)
+    if hit:
+        return f"role {hit[0]} (skip_roles)"
+    for pattern in config.skip:
+        if fnmatch.fnmatchcase(layer.name, pattern):
+            return f"matches skip pattern {pattern!r}"
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return f"grouped convolution (groups={module.groups})"
+    if config.group_size is not None:
+        fan_in = module.weight[0].numel()
+        split = layer.concat_split if config.split_concat else None
+        parts = [fan_in] if split is None else [split * fan_in // module.in_channels,
+                                                (module.in_channels - split) * fan_in // module.in_channels]
+        if any(p % config.group_size for p in parts):
+            return f"group_size {config.group_size} does not divide the input size {parts}"
+    return None
+
+
+def quantize_(denoiser: Denoiser, config: QuantizeConfig | None = None,
+              calibration: CalibrationSet | None = None, *, progress: bool = True) -> QuantizeReport:
+    """Quantize ``denoiser`` in place; activation ranges come from ``calibration``.
+
+    >>> import diffpress
+    >>> from diffpress.calibration import collect, TimestepPolicy
+    >>> den = diffpress.load("digits-unet")
+    >>> cs = collect(den, num_samples=4, steps=10, policy=TimestepPolicy("uniform", count=4), progress=False)
+    >>> report = quantize_(den, QuantizeConfig(timestep_groups=2), cs, progress=False)
+    >>> len(report.quantized) > 0, report.skipped[0]["reason"]
+    (True, 'role time_embedding (skip_roles)')
+    """
+    config = config or QuantizeConfig()
+    if not isinstance(denoiser, Denoiser):
+        raise DiffpressError("quantize_ takes a diffpress.Denoiser; wrap your module: Denoiser(module, sample_shape=...)")
+    if config.activations and calibration is None:
+        raise DiffpressError("activation quantization needs a calibration set: diffpress.calibrate(denoiser, ...)")
+    graph = capture(denoiser, batch=2)
+    calls: dict[str, int] = {}
+    for layer in graph.layers:
+        calls[layer.name] = calls.get(layer.name, 0) + 1
+    report = QuantizeReport(config=asdict(config))
+    chosen = {}
+    for layer in graph.layers:
+        if layer.op not in ("linear", "conv2d"):
+            report.skipped.append({"name": layer.name, "reason": f"{layer.op}: activation-activation product, "
+                                                                  "not quantized by this pass"})
+            continue
+        if layer.name in chosen or any(s["name"] == layer.name for s in report.skipped):
+            continue
+        module = denoiser.get_submodule(layer.name)
+        reason = _skip_reason(layer, module, config, calls)
+        if reason:
+            report.skipped.append({"name": layer.name, "reason": reason})
+        else:
+            chosen[layer.name] = layer.concat_split if (config.split_concat and layer.op == "conv2d") else None
+
+    stats = {}
+    if config.activations:
+        stats = observe(denoiser, calibration, chosen, batch_size=config.batch_size, progress=progress)
+    context = TimestepContext()
+    groups = timestep_groups(calibration.timesteps, config.timestep_groups) if config.activations else []
+    bounds = [(groups[i][-1] + groups[i + 1][0]) / 2 for i in range(len(groups) - 1)]
+    for name, split in chosen.items():
+        module = denoiser.get_submodule(name)
+        acts = None
+        if config.activations:
+            acts = []
+            for part in stats[name]:
+                scales, zps = [], []
+                for g in groups:
+                    lo, hi = aggregate_range([part[t] for t in g], config.act_rule, 8,
+                                             config.symmetric_activations, config.percentile)
+                    s, z = act_qparams(lo, hi, 8, config.symmetric_activations)
+                    scales.append(s)
+                    zps.append(z)
+                acts.append(ActQuant(scales, zps, bounds, 8, config.symmetric_activations, context))
+        spec = {"name": name, "kind": "linear" if isinstance(module, nn.Linear) else "conv2d",
+                "weight_bits": config.weight_bits, "group_size": config.group_size,
+                "split": split, "act_groups": len(groups) if acts else 0}
+        _set_submodule(denoiser, name, _build(module, spec, acts))
+        report.quantized.append(spec)
+    denoiser.timestep_context = context
+    denoiser.compression.append({"pass": "quantize", "config": asdict(config), "layers": report.quantized})
+    return report
+
+
+def _build(module: nn.Module, spec: dict[str, Any], acts: list[ActQuant] | None) -> nn.Module:
+    if spec["kind"] == "linear":
+        return QuantLinear(module, spec["weight_bits"], spec["group_size"], acts[0] if acts else None)
+    return QuantConv2d(module, spec["weight_bits"], spec["group_size"], acts, spec["split"])
+
+
+def restore_quantize(denoiser: Denoiser, record: dict[str, Any]) -> None:
+    """Rebuild the quantized modules of a saved model (their values then come from its state dict)."""
+    config = QuantizeConfig(**record["config"])
+    context = denoiser.timestep_context or TimestepContext()
+    for spec in record["layers"]:
+        module = denoiser.get_submodule(spec["name"])
+        acts = None
+        if spec["act_groups"]:
+            k = spec["act_groups"]
+            acts = [ActQuant([1.0] * k, [0] * k, [0.0] * (k - 1), 8, config.symmetric_activations, context)
+                    for _ in range(1 if spec["split"] is None else 2)]
+        _set_submodule(denoiser, spec["name"], _build(module, spec, acts))
+    denoiser.timestep_context = context
+    denoiser.compression.append(record)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
