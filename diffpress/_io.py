@@ -47,7 +47,11 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)
-            tmp.rename(path)
+            try:
+                tmp.rename(path)
+            except BaseException:
+                old.rename(path)  # put the previous result back
+                raise
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         else:
             tmp.rename(path)

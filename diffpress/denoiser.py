@@ -6,10 +6,11 @@ encoder hidden states), ``DiTTransformer2DModel`` (cond: class labels), ``PixArt
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -26,6 +27,33 @@ SUPPORTED: dict[str, tuple[str, str]] = {
 COND_KINDS = ("none", "class", "hidden_states")
 COMPRESSED_FORMAT = "diffpress.compressed/1"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _scheduler_config(scheduler: Any) -> dict | None:
+    """A scheduler object or config dict -> a config dict that names its class."""
+    if scheduler is None:
+        return None
+    import diffusers
+
+    if isinstance(scheduler, diffusers.SchedulerMixin):
+        return dict(scheduler.config, _class_name=type(scheduler).__name__)
+    config = dict(scheduler)
+    if "_class_name" not in config:
+        raise DiffpressError("scheduler_config has no _class_name; pass the scheduler object itself "
+                             "(scheduler_config=DDIMScheduler(...)) or a config saved by diffusers")
+    return config
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode and give each its own training flag back afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def _supported_text() -> str:
@@ -59,7 +87,7 @@ class Denoiser(nn.Module):
         cond_shape: tuple[int, ...] | None = None,
         num_classes: int | None = None,
         conditioner: nn.Module | None = None,
-        scheduler_config: dict | None = None,
+        scheduler_config: Any = None,
     ):
         super().__init__()
         self.model = model
@@ -72,7 +100,7 @@ class Denoiser(nn.Module):
             self.kind, default_cond = SUPPORTED[name]
         else:
             self.kind, default_cond = "module", "none"
-        self.scheduler_config = dict(scheduler_config) if scheduler_config else None
+        self.scheduler_config = _scheduler_config(scheduler_config)
         self.prediction_type = (prediction_type
                                 or (self.scheduler_config or {}).get("prediction_type") or "epsilon")
         if self.prediction_type not in PREDICTION_TYPES:
@@ -86,8 +114,13 @@ class Denoiser(nn.Module):
             self.sample_shape = tuple(sample_shape)
         else:
             side = config.sample_size
-            h, w = (side, side) if isinstance(side, int) else tuple(side)
-            self.sample_shape = tuple(sample_shape or (config.in_channels, h, w))
+            if sample_shape is not None:
+                self.sample_shape = tuple(sample_shape)
+            elif side is None:
+                raise DiffpressError(f"{name} has no sample_size in its config; pass sample_shape=(C, H, W)")
+            else:
+                h, w = (side, side) if isinstance(side, int) else tuple(side)
+                self.sample_shape = (config.in_channels, h, w)
 
         if self.kind == "unet2d" and getattr(config, "num_class_embeds", None):
             default_cond = "class"
@@ -95,14 +128,21 @@ class Denoiser(nn.Module):
         if self.cond_kind not in COND_KINDS:
             raise DiffpressError(f"unknown cond_kind {self.cond_kind!r}; allowed: {COND_KINDS}")
 
-        self.num_classes = num_classes
-        if self.num_classes is None:
-            if conditioner is not None:
-                self.num_classes = conditioner.config.num_classes
-            elif self.kind == "dit":
-                self.num_classes = config.num_embeds_ada_norm
-            elif self.kind == "unet2d" and self.cond_kind == "class":
-                self.num_classes = config.num_class_embeds
+        # null_label: the label index that means "no condition" (classifier-free guidance), if the model has one
+        self.num_classes, self.null_label = num_classes, None
+        if conditioner is not None:
+            self.num_classes = num_classes or conditioner.config.num_classes
+            self.null_label = conditioner.null_label
+        elif self.kind == "dit":  # diffusers DiT keeps a CFG embedding at index num_embeds_ada_norm
+            self.num_classes = num_classes or config.num_embeds_ada_norm
+            self.null_label = config.num_embeds_ada_norm
+        elif self.kind == "unet2d" and self.cond_kind == "class":
+            # a class-embedding UNet has a null class only if it was trained with one: say so via num_classes
+            if num_classes is not None and num_classes < config.num_class_embeds:
+                self.null_label = num_classes
+            self.num_classes = num_classes or config.num_class_embeds
+        elif self.kind == "module" and self.cond_kind == "class" and num_classes is not None:
+            self.null_label = num_classes  # a plain module's declared convention: label num_classes = no label
         self.cond_shape = tuple(cond_shape) if cond_shape else self._default_cond_shape()
         # diffusers DiT/PixArt with learned sigma return 2*C channels; the prediction is the first C
         out_channels = getattr(config, "out_channels", None) if config is not None else None
@@ -130,8 +170,8 @@ class Denoiser(nn.Module):
                 f"x_t has shape {tuple(x.shape)}; this denoiser takes (B, {self.sample_shape[0]}, H, W)")
         if not torch.is_tensor(t):
             t = torch.tensor(t)
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
+        if t.numel() == 1:
+            t = t.reshape(()).expand(x.shape[0])
         if self.cond_kind != "none" and cond is None:
             raise DiffpressError(f"this denoiser is conditional ({self.cond_kind}); pass cond")
         if self.timestep_context is not None:
@@ -164,9 +204,7 @@ class Denoiser(nn.Module):
     @property
     def supports_guidance(self) -> bool:
         """True when there is a null condition for classifier-free guidance."""
-        if self.cond_kind == "class":
-            return self.kind == "dit" or self.num_classes is not None
-        return self.cond_kind == "hidden_states"
+        return self.null_label is not None or self.cond_kind == "hidden_states"
 
     def encode_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Class labels -> the ``cond`` this denoiser takes (labels themselves, or conditioner tokens)."""
@@ -179,17 +217,22 @@ class Denoiser(nn.Module):
         raise DiffpressError(
             f"this denoiser ({self.kind}, cond {self.cond_kind}) has no label conditioner; pass cond directly")
 
-    def null_cond(self, batch: int) -> torch.Tensor:
-        """The unconditional ``cond`` for classifier-free guidance."""
-        if self.conditioner is not None or (self.cond_kind == "class" and self.num_classes is not None):
-            return self.encode_labels(torch.full((batch,), self.num_classes, dtype=torch.long))
+    def null_cond(self, batch: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The unconditional ``cond`` for classifier-free guidance: the null label, or zero states shaped
+        ``like`` the conditional ones (the empty-prompt convention for text models without an encoder)."""
+        if self.null_label is not None:
+            return self.encode_labels(torch.full((batch,), self.null_label, dtype=torch.long))
         if self.cond_kind == "hidden_states":
-            return torch.zeros(batch, *self.cond_shape)
-        raise DiffpressError("this denoiser has no null condition; classifier-free guidance needs one")
+            return torch.zeros_like(like) if like is not None else torch.zeros(batch, *self.cond_shape)
+        raise DiffpressError(
+            "this denoiser has no null condition, so classifier-free guidance is impossible; use guidance=1, "
+            "or pass num_classes=N if label N is the null class the model was trained with")
 
     def example_inputs(self, batch: int = 1, sample_shape: tuple[int, int, int] | None = None,
                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Random ``(x_t, t, cond)`` of the right shapes and dtypes, for capture, export and timing."""
+        if self.cond_kind == "class" and not self.num_classes:
+            raise DiffpressError("class-conditional denoiser without num_classes; pass num_classes=N")
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, *(sample_shape or self.sample_shape), generator=g)
         t = torch.full((batch,), 500, dtype=torch.long)
@@ -232,14 +275,15 @@ class Denoiser(nn.Module):
             index: dict[str, Any] = {"_class_name": "DiffpressPipeline", "_diffusers_version": diffusers.__version__,
                                      key: ["diffusers", type(self.model).__name__]}
             if self.scheduler_config is not None:
-                cls = self.scheduler_config.get("_class_name", "DDPMScheduler")
+                cls = self.scheduler_config["_class_name"]
                 sched = getattr(diffusers, cls).from_config(self.scheduler_config)
                 sched.save_pretrained(tmp / "scheduler")
                 index["scheduler"] = ["diffusers", cls]
-            if self.conditioner is not None and not self.compression:
-                self.conditioner.save_pretrained(tmp / "conditioner")
-            elif self.conditioner is not None:  # its weights are in compressed.safetensors
-                self.conditioner.save_config(tmp / "conditioner")
+            if self.conditioner is not None:
+                if self.compression:  # its weights are in compressed.safetensors
+                    self.conditioner.save_config(tmp / "conditioner")
+                else:
+                    self.conditioner.save_pretrained(tmp / "conditioner")
                 index["conditioner"] = ["diffpress", type(self.conditioner).__name__]
             index["diffpress"] = {"prediction_type": self.prediction_type}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

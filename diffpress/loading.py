@@ -48,10 +48,14 @@ def _load_model(folder: Path):
     _check_safetensors(folder)
     cls = getattr(diffusers, name)
     try:
-        model = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
-                                    low_cpu_mem_usage=False)
+        model, info = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                          low_cpu_mem_usage=False, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise DiffpressError(f"could not load {name} from {folder}: {exc}") from exc
+    problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    if problems:
+        raise DiffpressError(f"the weights in {folder} do not match its config.json ({problems}); "
+                             "the checkpoint is incomplete or belongs to another architecture")
     return model.eval()
 
 
@@ -64,7 +68,7 @@ def _load_scheduler_config(folder: Path, class_name: str | None) -> dict | None:
     cls = getattr(diffusers, name, None) if name else None
     if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
         raise DiffpressError(f"{path} names scheduler {name!r}, which is not a diffusers scheduler")
-    return dict(cls.from_config(config).config)
+    return dict(cls.from_config(config).config, _class_name=cls.__name__)
 
 
 def _load_conditioner(folder: Path, spec: list):
@@ -151,9 +155,9 @@ def load(source: str | Path, *, prediction_type: str | None = None) -> Denoiser:
         conditioner = _load_conditioner(path / "conditioner", index["conditioner"]) if "conditioner" in index else None
         prediction_type = prediction_type or index.get("diffpress", {}).get("prediction_type")
         return Denoiser(model, prediction_type=prediction_type, conditioner=conditioner,
-                        scheduler_config=scheduler_config)
+                        scheduler_config=scheduler_config).eval()
     if (path / "config.json").exists():
-        return Denoiser(_load_model(path), prediction_type=prediction_type)
+        return Denoiser(_load_model(path), prediction_type=prediction_type).eval()
     raise DiffpressError(
         f"{path} is neither a diffusers model folder (config.json + .safetensors) nor a pipeline folder "
         "(model_index.json)")

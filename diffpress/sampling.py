@@ -7,7 +7,7 @@ import diffusers
 import torch
 from tqdm.auto import tqdm
 
-from diffpress.denoiser import Denoiser
+from diffpress.denoiser import Denoiser, eval_mode
 from diffpress.errors import DiffpressError
 
 SCHEDULERS: dict[str, str] = {
@@ -149,7 +149,7 @@ def sample(
         n = num_samples if num_samples is not None else 1
     use_cfg = guidance != 1.0 and cond is not None
     if use_cfg and uncond is None:
-        uncond = denoiser.null_cond(n)
+        uncond = denoiser.null_cond(n, like=cond)
     if not use_cfg:
         uncond = None
     if record and n > batch_size:
@@ -159,9 +159,7 @@ def sample(
 
     chunks = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
     images, traj = [], None
-    was_training = denoiser.training
-    denoiser.eval()
-    with tqdm(total=steps * len(chunks), desc="sampling", disable=not progress, leave=False) as bar:
+    with eval_mode(denoiser), tqdm(total=steps * len(chunks), desc="sampling", disable=not progress, leave=False) as bar:
         for lo, hi in chunks:
             gens = [torch.Generator().manual_seed(s) for s in range(seed + lo, seed + hi)]
             x = torch.stack([torch.randn(denoiser.sample_shape, generator=g) for g in gens])
@@ -170,5 +168,4 @@ def sample(
             sched = make_scheduler(denoiser, scheduler)
             out, traj, n_calls = _run(denoiser, sched, x, gens, c, u, guidance, steps, record, bar)
             images.append(out)
-    denoiser.train(was_training)
     return SampleOutput(torch.cat(images), labels, traj, n_calls * (2 if use_cfg else 1))

@@ -148,14 +148,13 @@ def plain() -> Denoiser:
     return Denoiser(build_plain(), sample_shape=(SIZES.channels, SIZES.side, SIZES.side)).eval()
 
 
-KINDS = ("unet2d", "unet2d_condition", "dit", "pixart", "module")
 _FIXTURE_OF_KIND = {"unet2d": "unet2d", "unet2d_condition": "cond_unet", "dit": "dit", "pixart": "pixart",
                     "module": "plain"}
 
 
 @pytest.fixture(scope="session")
 def tiny(request):
-    """``tiny(kind)``: the session's tiny Denoiser of ``kind`` (one of ``KINDS``)."""
+    """``tiny(kind)``: the session's tiny Denoiser of ``kind`` (unet2d, unet2d_condition, dit, pixart, module)."""
     return lambda kind: request.getfixturevalue(_FIXTURE_OF_KIND[kind])
 
 

@@ -19,7 +19,7 @@ def saved_models(tmp_path_factory):
     torch.manual_seed(0)
     model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
                                   num_layers=1, sample_size=16, patch_size=4, num_embeds_ada_norm=10)
-    den = Denoiser(model.eval(), scheduler_config=training_scheduler().config)
+    den = Denoiser(model.eval(), scheduler_config=training_scheduler())
     root = tmp_path_factory.mktemp("models")
     den.save_pretrained(root / "ref")
     noisy = den.copy()

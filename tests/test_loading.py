@@ -111,7 +111,8 @@ def test_truncated_safetensors(damaged, where):
 def test_truncated_weights_inside_a_pipeline(saved_unet, tmp_path):
     pipe = tmp_path / "pipe"
     shutil.copytree(saved_unet[0], pipe / "unet")
-    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"]}))
+    index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"]}
+    (pipe / "model_index.json").write_text(json.dumps(index))
     assert diffpress.load(pipe).kind == "unet2d"
     data = (pipe / "unet" / WEIGHTS).read_bytes()
     (pipe / "unet" / WEIGHTS).write_bytes(data[: len(data) // 2])
@@ -139,13 +140,10 @@ def test_weights_that_do_not_fit_the_config(damaged):
     config = json.loads((damaged / "config.json").read_text())
     config["out_channels"] = 3
     (damaged / "config.json").write_text(json.dumps(config))
-    with pytest.raises(DiffpressError, match=r"(?s)could not load UNet2DModel from .*size mismatch for conv_out.weight"):
+    with pytest.raises(DiffpressError, match=r"(?s)could not load UNet2DModel from .*size mismatch for conv_out"):
         diffpress.load(damaged)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "bug: a checkpoint missing a tensor loads without error; diffusers only logs a warning and leaves the "
-    "weight randomly initialized"))
 def test_missing_tensor_is_an_error(damaged):
     state = load_file(damaged / WEIGHTS)
     del state["conv_out.weight"]
@@ -205,5 +203,5 @@ def test_unsupported_conditioner(saved_unet, tmp_path):
     shutil.copytree(saved_unet[0], pipe / "unet")
     (pipe / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DModel"],
                                                        "conditioner": ["transformers", "CLIPTextModel"]}))
-    with pytest.raises(DiffpressError, match="unsupported conditioner .*CLIPTextModel.*supported: diffpress LabelEmbedding"):
+    with pytest.raises(DiffpressError, match="unsupported conditioner .*CLIPTextModel.*supported: diffpress Label"):
         diffpress.load(pipe)

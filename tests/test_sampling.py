@@ -156,19 +156,12 @@ def test_guidance_with_text_states(pixart, sizes):
     assert out.trajectory.uncond.shape == (2, 120, sizes.caption) and not out.trajectory.uncond.any()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "bug: the null condition of a hidden-states model has the default cond_shape (120 tokens for PixArt), "
-    "so guidance with any other token count fails in torch.cat"))
 def test_guidance_with_text_states_of_another_length(pixart, sizes):
     cond = torch.randn(2, 7, sizes.caption)
     out = sample(pixart, cond=cond, guidance=3.0, steps=2, record=True, progress=False)
     assert out.calls == 4 and out.trajectory.uncond.shape == cond.shape
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: sample() (and capture()) call denoiser.eval() and then denoiser.train(was_training), which puts every "
-    "submodule in training mode when the Denoiser wrapper was in training mode (as Denoiser() and load() return "
-    "it); a DiT then drops class labels at random in later calls"))
 def test_sample_leaves_module_modes_as_they_were(builders):
     den = Denoiser(builders.dit())  # the model is in eval mode, the fresh wrapper in training mode
     before = {name: m.training for name, m in den.named_modules()}

@@ -79,10 +79,10 @@ def observe(
 
     for name, split in layers.items():
         handles.append(denoiser.get_submodule(name).register_forward_pre_hook(make_hook(name, split)))
-    was_training = denoiser.training
-    denoiser.eval()
+    from diffpress.denoiser import eval_mode
+
     try:
-        with torch.no_grad(), tqdm(total=len(calibration), desc="observing activations",
+        with eval_mode(denoiser), torch.no_grad(), tqdm(total=len(calibration), desc="observing activations",
                                    disable=not progress, leave=False) as bar:
             for x, t, cond in calibration.batches(batch_size):  # streamed: a lazy set stays on disk
                 current_t[0] = float(t[0])
@@ -91,5 +91,4 @@ def observe(
     finally:
         for h in handles:
             h.remove()
-        denoiser.train(was_training)
     return stats

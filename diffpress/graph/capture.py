@@ -122,20 +122,17 @@ def capture(denoiser: nn.Module, example_inputs: tuple | None = None, batch: int
     """
     if example_inputs is None:
         example_inputs = denoiser.example_inputs(batch)
-    was_training = denoiser.training
-    denoiser.eval()
-    try:
-        with _module_trail(denoiser) as trail, torch.no_grad():
-            try:
-                ep = torch.export.export(denoiser, tuple(example_inputs), strict=False)
-            except Exception as exc:  # noqa: BLE001 - any export failure is reported with the module
-                where = trail[-1] if trail else "<top level>"
-                where = where or "<top level>"
-                raise DiffpressError(
-                    f"torch.export could not capture the model; it failed inside module {where!r} "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-                    "Make that module's forward free of data-dependent Python control flow, "
-                    "or leave it out of the captured denoiser") from exc
-    finally:
-        denoiser.train(was_training)
+    from diffpress.denoiser import eval_mode
+
+    with eval_mode(denoiser), _module_trail(denoiser) as trail, torch.no_grad():
+        try:
+            ep = torch.export.export(denoiser, tuple(example_inputs), strict=False)
+        except Exception as exc:  # noqa: BLE001 - any export failure is reported with the module
+            where = (trail[-1] if trail else "") or "<top level>"
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise DiffpressError(
+                f"torch.export could not capture the model: it failed inside module {where!r} "
+                f"({type(exc).__name__}: {first}). Check that the example inputs have the shapes the model "
+                "expects; if they do, that module's forward likely branches on tensor values "
+                "(data-dependent Python control flow), which export cannot trace") from exc
     return Graph(ep.module(), tuple(example_inputs))

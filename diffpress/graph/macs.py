@@ -53,8 +53,17 @@ def node_macs(node: fx.Node) -> int:
         if len(operands) < 2:
             return 0
         sizes: dict[str, int] = {}
-        for term, x in zip(equation.split("->")[0].split(","), operands):
-            for letter, size in zip(term.replace("...", ""), _shape(x)[-len(term.replace("...", "")):]):
-                sizes[letter] = size
-        return math.prod(sizes.values())
+        ellipsis: list[int] = []  # broadcast shape of the "..." dimensions
+        for term, x in zip(equation.replace(" ", "").split("->")[0].split(","), operands):
+            shape = _shape(x)
+            named = term.replace("...", "")
+            if "..." in term:
+                head = term.index("...")
+                rest = shape[head:len(shape) - (len(named) - head)]
+                ellipsis = [max(p, q) for p, q in zip([1] * (len(rest) - len(ellipsis)) + ellipsis, rest)] \
+                    if len(rest) >= len(ellipsis) else ellipsis
+                shape = shape[:head] + shape[len(shape) - (len(named) - head):]
+            for letter, size in zip(named, shape):
+                sizes[letter] = max(sizes.get(letter, 1), size)
+        return math.prod(sizes.values()) * math.prod(ellipsis)
     return 0

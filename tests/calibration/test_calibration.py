@@ -14,7 +14,7 @@ def tiny_unet() -> Denoiser:
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
                        layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
-    return Denoiser(unet.eval(), scheduler_config=training_scheduler().config)
+    return Denoiser(unet.eval(), scheduler_config=training_scheduler())
 
 
 def test_policies_select_expected_steps():
@@ -54,7 +54,7 @@ def test_collect_with_guidance_keeps_both_branches():
     torch.manual_seed(0)
     dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
                                 num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
-    den = Denoiser(dit.eval(), scheduler_config=training_scheduler().config)
+    den = Denoiser(dit.eval(), scheduler_config=training_scheduler())
     cs = collect(den, num_samples=4, steps=5, guidance=2.0, policy=TimestepPolicy("uniform", count=2), progress=False)
     assert len(cs) == 2 * 2 * 4
     assert cs.cond[:8].tolist() == [0, 1, 2, 3, 10, 10, 10, 10]  # labels, then the null label

@@ -13,7 +13,7 @@ def tiny_digits_dit() -> Denoiser:
     torch.manual_seed(0)
     model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
                                   num_layers=1, sample_size=16, patch_size=4, num_embeds_ada_norm=10)
-    return Denoiser(model.eval(), scheduler_config=training_scheduler().config)
+    return Denoiser(model.eval(), scheduler_config=training_scheduler())
 
 
 @pytest.fixture

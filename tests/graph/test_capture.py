@@ -159,9 +159,6 @@ class EllipsisEinsum(nn.Module):
         return x + e.sum()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: macs.node_macs ignores the dimensions an einsum's '...' stands for (here the batch), so it "
-    "counts i*j*k = 144 instead of B*i*j*k = 288"))
 def test_einsum_with_ellipsis_counts_the_batch():
     graph = capture(Denoiser(EllipsisEinsum(), sample_shape=(3, 4, 4)), batch=2)
     (layer,) = graph.layers

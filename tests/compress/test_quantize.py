@@ -1,0 +1,105 @@
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+import diffpress
+from diffpress import Denoiser
+from diffpress.calibration import TimestepPolicy, collect
+from diffpress.compress import QuantizeConfig, quantize_
+from diffpress.compress.quant import ActQuant, QuantConv2d, QuantLinear
+from diffpress.zoo.conditioner import LabelEmbedding
+from diffpress.zoo.models import training_scheduler
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, attention_head_dim=8, cross_attention_dim=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    den = Denoiser(unet.eval(), conditioner=LabelEmbedding(10, 2, 16).eval(),
+                   scheduler_config=training_scheduler())
+    cs = collect(den, num_samples=6, steps=8, policy=TimestepPolicy("uniform", count=4), progress=False)
+    return den, cs
+
+
+def _rel_err(a, b):
+    return float(((a - b).pow(2).mean() / b.pow(2).mean()).detach())
+
+
+def test_w8a8_replaces_layers_reports_skips_and_stays_close(setup):
+    den, cs = setup
+    q = den.copy()
+    report = quantize_(q, QuantizeConfig(), cs, progress=False)
+    reasons = {s["name"]: s["reason"] for s in report.skipped}
+    assert reasons["model.conv_in"] == "role first (skip_roles)"
+    assert reasons["model.conv_out"] == "role last (skip_roles)"
+    assert reasons["model.time_embedding.linear_1"].startswith("role time_embedding")
+    assert any("activation-activation" in r for r in reasons.values())
+    for spec in report.quantized:
+        mod = q.get_submodule(spec["name"])
+        assert isinstance(mod, (QuantLinear, QuantConv2d))
+    splits = {s["name"]: s["split"] for s in report.quantized if s["split"] is not None}
+    assert splits == {"model.up_blocks.0.resnets.0.conv1": 32, "model.up_blocks.0.resnets.0.conv_shortcut": 32,
+                      "model.up_blocks.0.resnets.1.conv1": 32, "model.up_blocks.0.resnets.1.conv_shortcut": 32,
+                      "model.up_blocks.1.resnets.0.conv1": 32, "model.up_blocks.1.resnets.0.conv_shortcut": 32,
+                      "model.up_blocks.1.resnets.1.conv1": 16, "model.up_blocks.1.resnets.1.conv_shortcut": 16}
+    x, t, c = cs.x[:4], cs.t[:4], cs.cond[:4]
+    assert _rel_err(q(x, t, c), den(x, t, c)) < 0.01
+    assert q.compression[0]["pass"] == "quantize"
+
+
+def test_timestep_groups_follow_t(setup):
+    den, cs = setup
+    q = den.copy()
+    report = quantize_(q, QuantizeConfig(timestep_groups=2), cs, progress=False)
+    aq = next(m for m in q.modules() if isinstance(m, ActQuant))
+    assert aq.groups == 2 and len(aq.bounds) == 1
+    ts = sorted(cs.timesteps)
+    assert ts[1] < float(aq.bounds[0]) < ts[2]  # between the two halves of the calibrated timesteps
+    q(cs.x[:2], torch.tensor([ts[0]] * 2), cs.cond[:2])
+    assert int(aq.group_index()) == 0
+    q(cs.x[:2], torch.tensor([ts[-1]] * 2), cs.cond[:2])
+    assert int(aq.group_index()) == 1
+    assert all(s["act_groups"] == 2 for s in report.quantized)
+
+
+def test_save_and_reload_reproduce_outputs_exactly(setup, tmp_path):
+    den, cs = setup
+    q = den.copy()
+    quantize_(q, QuantizeConfig(weights="int4", group_size=16, timestep_groups=3), cs, progress=False)
+    q.save_pretrained(tmp_path / "q")
+    r = diffpress.load(tmp_path / "q")
+    for i in (0, len(cs) - 4):
+        x, t, c = cs.x[i:i + 4], cs.t[i:i + 4], cs.cond[i:i + 4]
+        assert torch.equal(q(x, t, c), r(x, t, c))
+    sd = r.state_dict()
+    qkeys = [k for k in sd if k.endswith("weight_q") or k.endswith("weight_q0")]
+    assert qkeys and all(sd[k].dtype == torch.int8 and sd[k].abs().max() <= 7 for k in qkeys)
+
+
+def test_int4_is_coarser_than_int8(setup):
+    den, cs = setup
+    x, t, c = cs.x[:4], cs.t[:4], cs.cond[:4]
+    errs = {}
+    for w in ("int8", "int4"):
+        q = den.copy()
+        quantize_(q, QuantizeConfig(weights=w, activations=None), progress=False)
+        errs[w] = _rel_err(q(x, t, c), den(x, t, c))
+    assert 0 < errs["int8"] < errs["int4"]
+
+
+def test_skip_patterns_group_size_and_config_errors(setup):
+    den, cs = setup
+    q = den.copy()
+    report = quantize_(q, QuantizeConfig(skip=["*attn2*"], group_size=24, activations=None), progress=False)
+    reasons = {s["name"]: s["reason"] for s in report.skipped}
+    assert reasons["model.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q"] == "matches skip pattern '*attn2*'"
+    assert any("does not divide" in r for r in reasons.values())
+    with pytest.raises(diffpress.DiffpressError, match="act_rule: 'entropy' is not allowed; allowed: max, percentile, mse"):
+        QuantizeConfig(act_rule="entropy")
+    with pytest.raises(diffpress.DiffpressError, match="skip_roles"):
+        QuantizeConfig(skip_roles=["decoder"])
+    with pytest.raises(diffpress.DiffpressError, match="calibration set"):
+        quantize_(den.copy(), QuantizeConfig(), None)
