@@ -1,8 +1,10 @@
-"""Activation observers: per-layer, per-timestep statistics of the inputs of the layers to quantize.
+"""Activation observers: per-layer, per-timestep statistics of the layers to quantize.
 
 For every (layer, timestep) the observer keeps the running min / max and a bounded random sample of
-values, enough for percentile and MSE-optimal range rules. Layers whose input is a skip-concat are
-observed per part (channels ``[:split]`` and ``[split:]``) so the two parts can get their own ranges.
+values, enough for percentile and MSE-optimal range rules, for the layer's input and, optionally, its
+output before the bias (what an integer kernel's requantization sees). Layers whose input is a
+skip-concat are observed per part (channels ``[:split]`` and ``[split:]``, and each part's partial
+product) so the two parts can get their own ranges.
 """
 from __future__ import annotations
 
@@ -37,8 +39,17 @@ class StepStats:
         self.samples = pool
 
 
-# layer name -> part index (0, or 0/1 for split inputs) -> timestep -> StepStats
-ActivationStats = dict[str, list[dict[float, StepStats]]]
+# layer name -> "in" / "out" -> part index (0, or 0/1 for split inputs) -> timestep -> StepStats
+ActivationStats = dict[str, dict[str, list[dict[float, StepStats]]]]
+
+
+def _partial_products(module: nn.Module, parts: list[torch.Tensor], split: int | None) -> list[torch.Tensor]:
+    """Each input part times its slice of the weight, without bias (Linear or Conv2d)."""
+    if isinstance(module, nn.Linear):
+        return [torch.matmul(parts[0], module.weight.t())]
+    ws = [module.weight] if split is None else [module.weight[:, :split], module.weight[:, split:]]
+    return [torch.nn.functional.conv2d(p, w, None, module.stride, module.padding, module.dilation, module.groups)
+            for p, w in zip(parts, ws)]
 
 
 def observe(
@@ -46,6 +57,7 @@ def observe(
     calibration: CalibrationSet,
     layers: dict[str, int | None],
     *,
+    outputs: bool = False,
     batch_size: int = 32,
     max_samples: int = 4096,
     seed: int = 0,
@@ -54,18 +66,21 @@ def observe(
     """Run ``denoiser`` over ``calibration`` and record the input statistics of ``layers``.
 
     ``layers`` maps module names (relative to ``denoiser``) to a concat split (channels of the first
-    part) or ``None``.
+    part) or ``None``. With ``outputs=True`` the pre-bias outputs (per part) are recorded too; those
+    layers must be ``nn.Linear`` or ``nn.Conv2d``.
 
     >>> import diffpress
     >>> from diffpress.calibration import collect, TimestepPolicy
     >>> den = diffpress.load("digits-unet")
     >>> cs = collect(den, num_samples=2, steps=4, policy=TimestepPolicy("all"), progress=False)
     >>> stats = observe(den, cs, {"model.conv_in": None}, progress=False)
-    >>> sorted(stats["model.conv_in"][0])  # the four DDIM timesteps
+    >>> sorted(stats["model.conv_in"]["in"][0])  # the four DDIM timesteps
     [0.0, 250.0, 500.0, 750.0]
     """
     gen = torch.Generator().manual_seed(seed)
-    stats: ActivationStats = {name: [{} for _ in range(1 if split is None else 2)] for name, split in layers.items()}
+    stats: ActivationStats = {
+        name: {kind: [{} for _ in range(1 if split is None else 2)] for kind in (("in", "out") if outputs else ("in",))}
+        for name, split in layers.items()}
     current_t: list[float] = [0.0]
     handles = []
 
@@ -73,8 +88,12 @@ def observe(
         def hook(module, args):
             x = args[0]
             parts = [x] if split is None else [x[:, :split], x[:, split:]]
-            for part, store in zip(parts, stats[name]):
-                store.setdefault(current_t[0], StepStats()).update(part, max_samples, gen)
+            record = {"in": parts}
+            if outputs:
+                record["out"] = _partial_products(module, parts, split)
+            for kind, values in record.items():
+                for value, store in zip(values, stats[name][kind]):
+                    store.setdefault(current_t[0], StepStats()).update(value, max_samples, gen)
         return hook
 
     for name, split in layers.items():

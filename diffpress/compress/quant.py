@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 import torch.nn.functional as F
 from torch import nn
 
@@ -16,41 +17,45 @@ from diffpress.calibration.observers import StepStats
 from diffpress.errors import DiffpressError
 
 RANGE_RULES = ("max", "percentile", "mse")
+QD = torch.ops.quantized_decomposed
 
 
 # --------------------------------------------------------------------------------------------- weights
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric signed quantization of a weight, per output channel or per group of input channels.
+    """Symmetric signed quantization of a weight, per output channel or per group of input elements.
 
-    Returns ``(q, scale)``: ``q`` int8 holding values in ``[-(2^(b-1)-1), 2^(b-1)-1]``, ``scale`` of shape
-    ``(out, 1, ...)`` per channel or ``(out, in/group_size, 1, ...)`` per group (groups run along the
-    flattened input dimension).
+    Returns ``(q, scale)``: ``q`` int8 with the weight's shape holding values in
+    ``[-(2^(b-1)-1), 2^(b-1)-1]``; ``scale`` of shape ``(out,)`` per channel or ``(out, fan_in/group_size)``
+    per group (groups run along the flattened input dimension).
 
     >>> q, s = quantize_weight(torch.tensor([[1.0, -0.5], [0.25, 0.1]]), bits=8)
-    >>> q.tolist(), [round(v, 6) for v in s.flatten().tolist()]
+    >>> q.tolist(), [round(v, 6) for v in s.tolist()]
     ([[127, -64], [127, 51]], [0.007874, 0.001969])
     """
     qmax = 2 ** (bits - 1) - 1
     out = w.shape[0]
     flat = w.detach().reshape(out, -1).float()
     if group_size is None:
-        amax = flat.abs().amax(1, keepdim=True)
+        scale = flat.abs().amax(1).clamp(min=1e-12) / qmax
+        expanded = scale[:, None]
     else:
         if flat.shape[1] % group_size:
             raise DiffpressError(f"group_size {group_size} does not divide the input size {flat.shape[1]}")
-        amax = flat.view(out, -1, group_size).abs().amax(2)
-    scale = (amax.clamp(min=1e-12) / qmax)
-    expanded = scale if group_size is None else scale.repeat_interleave(group_size, 1)
+        scale = flat.view(out, -1, group_size).abs().amax(2).clamp(min=1e-12) / qmax
+        expanded = scale.repeat_interleave(group_size, 1)
     q = torch.clamp(torch.round(flat / expanded), -qmax, qmax).to(torch.int8)
     return q.reshape(w.shape), scale
 
 
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """Inverse of :func:`quantize_weight` (float32)."""
-    out = q.shape[0]
-    flat = q.reshape(out, -1).float()
-    expanded = scale if group_size is None else scale.repeat_interleave(group_size, 1)
-    return (flat * expanded).reshape(q.shape)
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, group_size: int | None, bits: int = 8) -> torch.Tensor:
+    """Inverse of :func:`quantize_weight` as a registered ``quantized_decomposed`` op, so the exported
+    graph gets a DequantizeLinear on an integer initializer (per-axis, or blocked for groups)."""
+    qmax = 2 ** (bits - 1) - 1
+    if group_size is None:
+        return QD.dequantize_per_channel(q, scale, None, 0, -qmax, qmax, torch.int8)
+    flat = q.reshape(q.shape[0], -1)
+    w = QD.dequantize_per_channel_group(flat, scale, None, -qmax - 1, qmax, torch.int8, group_size, torch.float32)
+    return w.reshape(q.shape)
 
 
 # ----------------------------------------------------------------------------------------- activations
@@ -63,15 +68,14 @@ def act_qparams(lo: float, hi: float, bits: int = 8, symmetric: bool = False) ->
     """
     lo, hi = min(lo, 0.0), max(hi, 0.0)  # the range must hold 0 exactly (padding, ReLU zeros)
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        return max(max(-lo, hi), 1e-8) / qmax, 0
+        return max(max(-lo, hi), 1e-8) / (2 ** (bits - 1) - 1), 0
     qmax = 2 ** bits - 1
     scale = max(hi - lo, 1e-8) / qmax
     return scale, int(min(max(round(-lo / scale), 0), qmax))
 
 
 def fake_quant_values(x: torch.Tensor, scale: float, zp: int, bits: int, symmetric: bool) -> torch.Tensor:
-    qmin, qmax = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
     return (torch.clamp(torch.round(x / scale) + zp, qmin, qmax) - zp) * scale
 
 
@@ -128,13 +132,18 @@ class ActQuant(nn.Module):
 
     ``scale``/``zero_point`` hold one entry per group; ``bounds`` (K-1, ascending) split the timestep
     axis: group ``i`` serves ``bounds[i-1] <= t < bounds[i]``. With K = 1 it is a plain static quantizer.
+    The group is picked in the graph (compare, sum, gather), so one exported ONNX graph carries all K
+    scale sets and ONNX Runtime still fuses the integer kernels.
     """
 
     def __init__(self, scales: list[float], zero_points: list[int], bounds: list[float], bits: int = 8,
                  symmetric: bool = False, context: TimestepContext | None = None):
         super().__init__()
         self.bits, self.symmetric, self.context = bits, symmetric, context
-        self.qmin, self.qmax = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
+        if symmetric:  # ONNX QuantizeLinear saturates to the full int8 range
+            self.qmin, self.qmax, self.dtype = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, torch.int8
+        else:
+            self.qmin, self.qmax, self.dtype = 0, 2 ** bits - 1, torch.uint8
         self.register_buffer("scale", torch.tensor(scales, dtype=torch.float32))
         self.register_buffer("zero_point", torch.tensor(zero_points, dtype=torch.int32))
         self.register_buffer("bounds", torch.tensor(bounds, dtype=torch.float32))
@@ -145,27 +154,35 @@ class ActQuant(nn.Module):
 
     def group_index(self) -> torch.Tensor:
         if self.groups == 1:
-            return torch.zeros((), dtype=torch.long)
+            return torch.zeros(1, dtype=torch.long, device=self.scale.device)
         if self.context is None or self.context.t is None:
             raise DiffpressError("this quantizer has timestep groups but no timestep; call it through the Denoiser")
         t = self.context.t.reshape(-1)[:1].float()  # a batch shares one timestep in every sampler
-        return (t >= self.bounds).sum()
+        return (t[:, None] >= self.bounds).sum(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        idx = self.group_index()
-        scale = self.scale[idx].reshape(())
-        zp = self.zero_point[idx].reshape(())
-        return torch.fake_quantize_per_tensor_affine(x, scale, zp, self.qmin, self.qmax)
+        idx = self.group_index()  # (1,), index_select keeps export free of data-dependent sizes
+        scale = self.scale.index_select(0, idx).reshape(())
+        zp = self.zero_point.index_select(0, idx).reshape(())
+        q = QD.quantize_per_tensor.tensor(x, scale, zp, self.qmin, self.qmax, self.dtype)
+        return QD.dequantize_per_tensor.tensor(q, scale, zp, self.qmin, self.qmax, self.dtype)
 
     def extra_repr(self) -> str:
         kind = "int8 symmetric" if self.symmetric else f"uint{self.bits}"
         return f"{kind}, groups={self.groups}"
 
 
-class QuantLinear(nn.Module):
-    """Linear with quantized weight (int8 storage, per-channel or per-group scales) and fake-quantized input."""
+def _maybe(quantizer: ActQuant | None, x: torch.Tensor) -> torch.Tensor:
+    return x if quantizer is None else quantizer(x)
 
-    def __init__(self, layer: nn.Linear, bits: int, group_size: int | None, act: ActQuant | None):
+
+class QuantLinear(nn.Module):
+    """Linear with a quantized weight (int8 storage, per-channel or per-group scales), a fake-quantized input
+    and optionally a fake-quantized output. The bias is added after the output quantizer: that is the
+    pattern ONNX Runtime fuses into QLinearMatMul (and it is exact: the bias stays in float)."""
+
+    def __init__(self, layer: nn.Linear, bits: int, group_size: int | None,
+                 act_in: ActQuant | None = None, act_out: ActQuant | None = None):
         super().__init__()
         q, scale = quantize_weight(layer.weight, bits, group_size)
         self.in_features, self.out_features = layer.in_features, layer.out_features
@@ -173,15 +190,14 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_q", q)
         self.register_buffer("weight_scale", scale)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
-        self.act = act
+        self.act_in, self.act_out = act_in, act_out
 
     def weight(self) -> torch.Tensor:
-        return dequantize_weight(self.weight_q, self.weight_scale, self.group_size)
+        return dequantize_weight(self.weight_q, self.weight_scale, self.group_size, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is not None:
-            x = self.act(x)
-        return F.linear(x, self.weight(), self.bias)
+        y = _maybe(self.act_out, torch.matmul(_maybe(self.act_in, x), self.weight().t()))
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         g = f"group {self.group_size}" if self.group_size else "per-channel"
@@ -189,19 +205,21 @@ class QuantLinear(nn.Module):
 
 
 class QuantConv2d(nn.Module):
-    """Conv2d with quantized weight and fake-quantized input; with ``split`` the input is a skip-concat and
-    the convolution runs as two partial convolutions, each part with its own activation quantizer
-    (exactly equal to the single convolution in float; deployable as two integer convs and an add)."""
+    """Conv2d with a quantized weight and fake-quantized input (and output, bias added after it).
 
-    def __init__(self, layer: nn.Conv2d, bits: int, group_size: int | None, acts: list[ActQuant] | None,
-                 split: int | None = None):
+    With ``split`` the input is a skip-concat and the convolution runs as two partial convolutions, each
+    part with its own quantizers: exactly the single convolution in float, and deployable as two integer
+    convolutions and an add (Q-Diffusion's split quantization, made runnable)."""
+
+    def __init__(self, layer: nn.Conv2d, bits: int, group_size: int | None, acts_in: list[ActQuant] | None = None,
+                 acts_out: list[ActQuant] | None = None, split: int | None = None):
         super().__init__()
         if layer.groups != 1 and split is not None:
             raise DiffpressError("split quantization needs a dense convolution (groups=1)")
-        self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
-        if isinstance(self.padding, str) or layer.padding_mode != "zeros":
+        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
             raise DiffpressError(f"{layer} uses padding mode {layer.padding_mode!r}/{layer.padding!r}; "
                                  "diffpress quantizes zero-padded convolutions only")
+        self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
         self.bits, self.group_size, self.split = bits, group_size, split
         parts = [layer.weight] if split is None else [layer.weight[:, :split], layer.weight[:, split:]]
         for i, w in enumerate(parts):
@@ -209,25 +227,30 @@ class QuantConv2d(nn.Module):
             self.register_buffer(f"weight_q{i}", q)
             self.register_buffer(f"weight_scale{i}", scale)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
-        self.acts = nn.ModuleList(acts or [])
+        self.acts_in = nn.ModuleList(acts_in or [])
+        self.acts_out = nn.ModuleList(acts_out or [])
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
         self.kernel_size = layer.kernel_size
 
-    def weight(self, part: int = 0) -> torch.Tensor:
-        return dequantize_weight(getattr(self, f"weight_q{part}"), getattr(self, f"weight_scale{part}"), self.group_size)
+    @property
+    def parts(self) -> int:
+        return 1 if self.split is None else 2
 
-    def _conv(self, x: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor:
-        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+    def weight(self, part: int = 0) -> torch.Tensor:
+        return dequantize_weight(getattr(self, f"weight_q{part}"), getattr(self, f"weight_scale{part}"),
+                                 self.group_size, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.split is None:
-            if len(self.acts):
-                x = self.acts[0](x)
-            return self._conv(x, self.weight(0), self.bias)
-        a, b = x[:, : self.split], x[:, self.split:]
-        if len(self.acts):
-            a, b = self.acts[0](a), self.acts[1](b)
-        return self._conv(a, self.weight(0), self.bias) + self._conv(b, self.weight(1), None)
+        xs = [x] if self.split is None else [x[:, : self.split], x[:, self.split:]]
+        y = None
+        for i, xi in enumerate(xs):
+            if len(self.acts_in):
+                xi = self.acts_in[i](xi)
+            yi = F.conv2d(xi, self.weight(i), None, self.stride, self.padding, self.dilation, self.groups)
+            if len(self.acts_out):
+                yi = self.acts_out[i](yi)
+            y = yi if y is None else y + yi
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
         g = f"group {self.group_size}" if self.group_size else "per-channel"

@@ -45,6 +45,7 @@ class QuantizeConfig:
     percentile: float = 99.99
     timestep_groups: int = 1
     symmetric_activations: bool = False  # True for TensorRT-style targets
+    quantize_outputs: bool = True  # requantize layer outputs: what ONNX Runtime's QLinearConv/QLinearMatMul need
     split_concat: bool = True
     skip_roles: list[str] = field(default_factory=lambda: ["time_embedding", "first", "last"])
     skip: list[str] = field(default_factory=list)  # glob patterns over module names
@@ -150,27 +151,18 @@ def quantize_(denoiser: Denoiser, config: QuantizeConfig | None = None,
 
     stats = {}
     if config.activations:
-        stats = observe(denoiser, calibration, chosen, batch_size=config.batch_size, progress=progress)
+        stats = observe(denoiser, calibration, chosen, outputs=config.quantize_outputs,
+                        batch_size=config.batch_size, progress=progress)
     context = TimestepContext()
     groups = timestep_groups(calibration.timesteps, config.timestep_groups) if config.activations else []
     bounds = [(groups[i][-1] + groups[i + 1][0]) / 2 for i in range(len(groups) - 1)]
     for name, split in chosen.items():
         module = denoiser.get_submodule(name)
-        acts = None
-        if config.activations:
-            acts = []
-            for part in stats[name]:
-                scales, zps = [], []
-                for g in groups:
-                    lo, hi = aggregate_range([part[t] for t in g], config.act_rule, 8,
-                                             config.symmetric_activations, config.percentile)
-                    s, z = act_qparams(lo, hi, 8, config.symmetric_activations)
-                    scales.append(s)
-                    zps.append(z)
-                acts.append(ActQuant(scales, zps, bounds, 8, config.symmetric_activations, context))
+        acts = {kind: [_act_quant(part, groups, bounds, config, context) for part in parts]
+                for kind, parts in stats.get(name, {}).items()}
         spec = {"name": name, "kind": "linear" if isinstance(module, nn.Linear) else "conv2d",
                 "weight_bits": config.weight_bits, "group_size": config.group_size,
-                "split": split, "act_groups": len(groups) if acts else 0}
+                "split": split, "act_groups": len(groups) if acts else 0, "outputs": "out" in acts}
         _set_submodule(denoiser, name, _build(module, spec, acts))
         report.quantized.append(spec)
     denoiser.timestep_context = context
@@ -178,10 +170,18 @@ def quantize_(denoiser: Denoiser, config: QuantizeConfig | None = None,
     return report
 
 
-def _build(module: nn.Module, spec: dict[str, Any], acts: list[ActQuant] | None) -> nn.Module:
+def _act_quant(part, groups, bounds, config: QuantizeConfig, context: TimestepContext) -> ActQuant:
+    """One quantizer for one observed tensor: a range per timestep group, by the configured rule."""
+    qparams = [act_qparams(*aggregate_range([part[t] for t in g], config.act_rule, 8, config.symmetric_activations,
+                                            config.percentile), 8, config.symmetric_activations) for g in groups]
+    return ActQuant([s for s, _ in qparams], [z for _, z in qparams], bounds, 8, config.symmetric_activations, context)
+
+
+def _build(module: nn.Module, spec: dict[str, Any], acts: dict[str, list[ActQuant]]) -> nn.Module:
     if spec["kind"] == "linear":
-        return QuantLinear(module, spec["weight_bits"], spec["group_size"], acts[0] if acts else None)
-    return QuantConv2d(module, spec["weight_bits"], spec["group_size"], acts, spec["split"])
+        return QuantLinear(module, spec["weight_bits"], spec["group_size"],
+                           (acts.get("in") or [None])[0], (acts.get("out") or [None])[0])
+    return QuantConv2d(module, spec["weight_bits"], spec["group_size"], acts.get("in"), acts.get("out"), spec["split"])
 
 
 def restore_quantize(denoiser: Denoiser, record: dict[str, Any]) -> None:
@@ -190,11 +190,12 @@ def restore_quantize(denoiser: Denoiser, record: dict[str, Any]) -> None:
     context = denoiser.timestep_context or TimestepContext()
     for spec in record["layers"]:
         module = denoiser.get_submodule(spec["name"])
-        acts = None
+        acts: dict[str, list[ActQuant]] = {}
         if spec["act_groups"]:
-            k = spec["act_groups"]
-            acts = [ActQuant([1.0] * k, [0] * k, [0.0] * (k - 1), 8, config.symmetric_activations, context)
-                    for _ in range(1 if spec["split"] is None else 2)]
+            k, n = spec["act_groups"], 1 if spec["split"] is None else 2
+            for kind in ("in", "out") if spec.get("outputs") else ("in",):
+                acts[kind] = [ActQuant([1.0] * k, [0] * k, [0.0] * (k - 1), 8, config.symmetric_activations, context)
+                              for _ in range(n)]
         _set_submodule(denoiser, spec["name"], _build(module, spec, acts))
     denoiser.timestep_context = context
     denoiser.compression.append(record)

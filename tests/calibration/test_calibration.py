@@ -93,11 +93,17 @@ def test_nan_calibration_data_is_rejected():
 
 def test_observer_records_per_timestep_and_per_concat_part(tiny_unet):
     cs = collect(tiny_unet, num_samples=3, steps=4, policy=TimestepPolicy("all"), progress=False)
-    stats = observe(tiny_unet, cs, {"model.conv_in": None, "model.up_blocks.0.resnets.0.conv1": 16}, progress=False)
-    per_t = stats["model.conv_in"][0]
+    stats = observe(tiny_unet, cs, {"model.conv_in": None, "model.up_blocks.0.resnets.0.conv1": 16},
+                    outputs=True, progress=False)
+    per_t = stats["model.conv_in"]["in"][0]
     assert sorted(per_t) == sorted(cs.timesteps)
     for t, st in per_t.items():
         xs = cs.x[cs.t == t]
         assert st.min == pytest.approx(float(xs.min())) and st.max == pytest.approx(float(xs.max()))
         assert st.count == xs.numel()
-    assert len(stats["model.up_blocks.0.resnets.0.conv1"]) == 2  # the two halves of the skip-concat
+    conv_in = tiny_unet.get_submodule("model.conv_in")
+    for t, st in stats["model.conv_in"]["out"][0].items():  # outputs are recorded before the bias
+        out = conv_in(cs.x[cs.t == t]) - conv_in.bias.view(1, -1, 1, 1)
+        assert st.max == pytest.approx(float(out.max()), abs=1e-5)
+    split = stats["model.up_blocks.0.resnets.0.conv1"]
+    assert len(split["in"]) == len(split["out"]) == 2  # the two halves of the skip-concat

@@ -11,7 +11,7 @@ from diffpress.errors import DiffpressError
 def test_int8_per_channel_weight_by_hand():
     w = torch.tensor([[0.5, -1.0, 0.25], [0.03, 0.01, -0.04]])
     q, s = quantize_weight(w, 8)
-    assert s.flatten().tolist() == pytest.approx([1.0 / 127, 0.04 / 127])
+    assert s.shape == (2,) and s.tolist() == pytest.approx([1.0 / 127, 0.04 / 127])
     assert q.tolist() == [[64, -127, 32], [95, 32, -127]]  # round(63.5)=64, round(31.75)=32, round(95.25)=95
     assert q.dtype == torch.int8
     assert torch.allclose(dequantize_weight(q, s, None), w, atol=0.5 / 127)
@@ -34,6 +34,8 @@ def test_act_qparams_unsigned_and_symmetric():
     assert scale == pytest.approx(2 / 255) and zp == 0
     scale, zp = act_qparams(-2.0, 1.0, symmetric=True)
     assert scale == pytest.approx(2 / 127) and zp == 0
+    aq = ActQuant([scale], [0], [], symmetric=True)
+    assert aq(torch.tensor([-2.0, -3.0, 10 * scale])).tolist() == pytest.approx([-2.0, -128 * scale, 10 * scale])  # int8 saturation
 
 
 def _stats(values: torch.Tensor) -> StepStats:
@@ -74,13 +76,13 @@ def test_timestep_groups_and_runtime_selection():
 def test_quant_linear_matches_manual_fake_quant():
     torch.manual_seed(0)
     lin = nn.Linear(8, 4)
-    aq = ActQuant([0.02], [128], [])
-    ql = QuantLinear(lin, 8, None, aq)
+    ql = QuantLinear(lin, 8, None, ActQuant([0.02], [128], []), ActQuant([0.05], [100], []))
     x = torch.randn(3, 8)
     q, s = quantize_weight(lin.weight, 8)
     xq = (torch.clamp(torch.round(x / 0.02) + 128, 0, 255) - 128) * 0.02
-    expected = xq @ (q.float() * s).T + lin.bias
-    assert torch.allclose(ql(x), expected, atol=1e-6)
+    y = xq @ (q.float() * s[:, None]).T
+    yq = (torch.clamp(torch.round(y / 0.05) + 100, 0, 255) - 100) * 0.05
+    assert torch.allclose(ql(x), yq + lin.bias, atol=1e-6)  # bias added after the output quantizer
 
 
 def test_split_conv_is_exact_in_float_and_quantizes_parts_separately():
@@ -93,7 +95,7 @@ def test_split_conv_is_exact_in_float_and_quantizes_parts_separately():
     assert torch.allclose(split(x), joined, atol=1e-4)
     # with activation quantizers each part has its own scale: the small-valued part keeps its resolution
     a_small, a_big, a_whole = ActQuant([10 / 255], [128], []), ActQuant([200 / 255], [128], []), ActQuant([200 / 255], [128], [])
-    split_q = QuantConv2d(conv, 8, None, [a_small, a_big], split=4)
+    split_q = QuantConv2d(conv, 8, None, [a_small, a_big], None, split=4)
     xa = x[:, :4]
     assert (a_small(xa) - xa).pow(2).mean() < (a_whole(x)[:, :4] - xa).pow(2).mean() / 100
     expected = (nn.functional.conv2d(a_small(xa), split.weight(0), conv.bias, padding=1)
