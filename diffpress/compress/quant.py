@@ -6,7 +6,9 @@ DequantizeLinear nodes. Scales live in buffers so ``torch.export`` captures them
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
@@ -18,6 +20,18 @@ from diffpress.errors import DiffpressError
 
 RANGE_RULES = ("max", "percentile", "mse")
 QD = torch.ops.quantized_decomposed
+_PLAIN = [False]
+
+
+@contextlib.contextmanager
+def plain_arithmetic() -> Iterator[None]:
+    """Trace fake quantization as round/clamp arithmetic instead of quantized_decomposed ops: for artifacts
+    (TorchScript) that must load where those ops are not registered. Same numbers either way."""
+    _PLAIN[0] = True
+    try:
+        yield
+    finally:
+        _PLAIN[0] = False
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -51,6 +65,10 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, group_size: int | No
     """Inverse of :func:`quantize_weight` as a registered ``quantized_decomposed`` op, so the exported
     graph gets a DequantizeLinear on an integer initializer (per-axis, or blocked for groups)."""
     qmax = 2 ** (bits - 1) - 1
+    if _PLAIN[0]:
+        flat = q.reshape(q.shape[0], -1).float()
+        expanded = scale[:, None] if group_size is None else scale.repeat_interleave(group_size, 1)
+        return (flat * expanded).reshape(q.shape)
     if group_size is None:
         return QD.dequantize_per_channel(q, scale, None, 0, -qmax, qmax, torch.int8)
     flat = q.reshape(q.shape[0], -1)
@@ -164,6 +182,9 @@ class ActQuant(nn.Module):
         idx = self.group_index()  # (1,), index_select keeps export free of data-dependent sizes
         scale = self.scale.index_select(0, idx).reshape(())
         zp = self.zero_point.index_select(0, idx).reshape(())
+        if _PLAIN[0]:
+            zpf = zp.float()
+            return (torch.clamp(torch.round(x / scale) + zpf, self.qmin, self.qmax) - zpf) * scale
         q = QD.quantize_per_tensor.tensor(x, scale, zp, self.qmin, self.qmax, self.dtype)
         return QD.dequantize_per_tensor.tensor(q, scale, zp, self.qmin, self.qmax, self.dtype)
 

@@ -1,0 +1,95 @@
+import json
+import subprocess
+import sys
+import warnings
+
+import onnx
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel
+
+from diffpress import Denoiser
+from diffpress.calibration import TimestepPolicy, collect
+from diffpress.compress import QuantizeConfig, quantize_
+from diffpress.exporters import export_onnx, export_torchscript
+from diffpress.exporters.onnx import example_feed, ort_session
+from diffpress.zoo.conditioner import LabelEmbedding
+from diffpress.zoo.models import training_scheduler
+
+
+def _unet(side: int) -> Denoiser:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=side, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, attention_head_dim=8, cross_attention_dim=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    return Denoiser(unet.eval(), conditioner=LabelEmbedding(10, 2, 16).eval(), scheduler_config=training_scheduler())
+
+
+@pytest.mark.parametrize("side", [8, 16])
+def test_float_export_matches_pytorch_at_two_shapes_and_batches(side, tmp_path):
+    den = _unet(side)
+    res = export_onnx(den, tmp_path / "m")
+    checks = res.verification["checks"]
+    assert [c["batch"] for c in checks] == [2, 3]  # dynamic batch
+    assert all(c["rel_rms_diff"] < 1e-5 for c in checks)
+    assert "QuantizeLinear" not in res.op_types and res.op_types.get("Conv", 0) > 0
+    spec = json.loads((tmp_path / "m" / "io_spec.json").read_text())
+    assert [i["name"] for i in spec["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
+    assert spec["inputs"][0]["shape"] == ["batch", 1, side, side] and spec["inputs"][1]["dtype"] == "float32"
+    onnx.checker.check_model(str(tmp_path / "m" / "model.onnx"), full_check=True)
+
+
+@pytest.fixture(scope="module")
+def w8a8(tmp_path_factory):
+    den = _unet(8)
+    cs = collect(den, num_samples=4, steps=6, policy=TimestepPolicy("uniform", count=3), progress=False)
+    q = den.copy()
+    quantize_(q, QuantizeConfig(timestep_groups=2), cs, progress=False)
+    out = tmp_path_factory.mktemp("w8a8") / "m"
+    return q, export_onnx(q, out), out
+
+
+def test_w8a8_export_has_qdq_and_runs_on_integer_kernels(w8a8):
+    q, res, out = w8a8
+    assert res.op_types["QuantizeLinear"] > 0 and res.op_types["DequantizeLinear"] > 0
+    assert res.op_types.get("Gather", 0) > 0  # timestep-group scales gathered in the graph
+    # ONNX Runtime fused the Q/DQ around convolutions and matmuls into integer kernels
+    assert res.ort_op_types.get("com.microsoft::QLinearConv", 0) + res.ort_op_types.get("QLinearConv", 0) >= 10
+    assert res.ort_op_types.get("QLinearMatMul", 0) > 0
+    assert res.verification["passed"]
+    model = onnx.load(str(out / "model.onnx"))
+    int8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
+    assert len(int8) >= 20  # weights are stored as int8
+
+
+def test_int4_linear_weights_become_int4_and_matmulnbits(tmp_path):
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=1,
+                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    den = Denoiser(dit.eval(), scheduler_config=training_scheduler())
+    quantize_(den, QuantizeConfig(weights="int4", group_size=32, activations=None), progress=False)
+    res = export_onnx(den, tmp_path / "m")
+    assert res.spec["int4_initializers"] > 0
+    assert res.ort_op_types.get("com.microsoft::MatMulNBits", 0) > 0
+    model = onnx.load(str(tmp_path / "m" / "model.onnx"))
+    assert any(t.data_type == onnx.TensorProto.INT4 for t in model.graph.initializer)
+    assert res.verification["checks"][0]["rel_rms_diff"] < 1e-3  # weight-only: the same arithmetic
+
+
+def test_torchscript_round_trip_in_a_fresh_process(w8a8, tmp_path):
+    q, _, _ = w8a8
+    with pytest.warns(FutureWarning, match="deprecated"):
+        spec = export_torchscript(q, tmp_path / "ts")
+    assert spec["verification"]["passed"]
+    args = example_feed(q, 2, None, seed=7)
+    with torch.no_grad():
+        ref = q(*args)
+    torch.save({"args": args, "ref": ref}, tmp_path / "io.pt")
+    code = (
+        "import torch, sys, warnings; warnings.simplefilter('ignore');"
+        f"d = torch.load(r'{tmp_path / 'io.pt'}', weights_only=True);"
+        f"m = torch.jit.load(r'{tmp_path / 'ts' / 'model.pt'}');"
+        "out = m(*d['args']); print(float((out - d['ref']).abs().max()))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(run.stdout.strip()) < 1e-5
