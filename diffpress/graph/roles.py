@@ -128,17 +128,9 @@ def _producers(node) -> list[fx.Node]:
     """The non-reshape nodes that produce ``node`` (walking back through reshapes)."""
     if not isinstance(node, fx.Node):
         return []
-    out, frontier, seen = [], [node], set()
-    while frontier:
-        n = frontier.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "call_function" and n.target in _RESHAPE:
-            frontier.extend(_tensor_inputs(n)[:1])
-        else:
-            out.append(n)
-    return out
+    if node.op == "call_function" and node.target in _RESHAPE:
+        return _through(node, _RESHAPE, forward=False)
+    return [node]
 
 
 def _is_shortcut(node: fx.Node) -> bool:
