@@ -13,8 +13,13 @@ LABEL_DIM = 64
 
 
 def training_scheduler() -> DDPMScheduler:
-    """1000-step DDPM schedule with the cosine beta schedule (better than linear on small images)."""
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+    """1000-step DDPM schedule with the cosine beta schedule (better than linear on small images).
+
+    ``clip_sample`` is off: DDIM clips the predicted x0 but keeps the unclipped epsilon, and with
+    classifier-free guidance that mismatch wrecks the samples (measured on digits-cond-unet, 50 DDIM
+    steps: conditional accuracy 1.00 at guidance 1.5, 0.39 at guidance 3 with clipping)."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+                         clip_sample=False)
 
 
 def digits_unet() -> UNet2DModel:
