@@ -181,3 +181,24 @@ def make_cond(den: Denoiser, batch: int, seed: int = 0, tokens: int | None = Non
 def cond_for():
     """``cond_for(den, batch, seed=0, tokens=None)``: a valid ``cond`` for ``den`` (see ``make_cond``)."""
     return make_cond
+
+
+def build_quant_unet(side: int = 8) -> Denoiser:
+    """A 1-channel label-conditional UNet with the digits model's layout at tiny width (16/32 channels):
+    skip-concats in the decoder, self- and cross-attention; for quantization, roles and export tests."""
+    from diffpress.zoo.models import training_scheduler
+
+    with _seeded_build(7):
+        unet = UNet2DConditionModel(
+            sample_size=side, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+            norm_num_groups=8, attention_head_dim=8, cross_attention_dim=16,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+        emb = LabelEmbedding(10, 2, 16)
+    return Denoiser(unet.eval(), conditioner=emb.eval(), scheduler_config=training_scheduler()).eval()
+
+
+@pytest.fixture(scope="session")
+def make_quant_unet():
+    """The :func:`build_quant_unet` builder (call it with the sample side you need)."""
+    return build_quant_unet

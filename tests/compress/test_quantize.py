@@ -1,25 +1,14 @@
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
-
 import diffpress
-from diffpress import Denoiser
 from diffpress.calibration import TimestepPolicy, collect
 from diffpress.compress import QuantizeConfig, quantize_
 from diffpress.compress.quant import ActQuant, QuantConv2d, QuantLinear
-from diffpress.zoo.conditioner import LabelEmbedding
-from diffpress.zoo.models import training_scheduler
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
-        norm_num_groups=8, attention_head_dim=8, cross_attention_dim=16,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-    den = Denoiser(unet.eval(), conditioner=LabelEmbedding(10, 2, 16).eval(),
-                   scheduler_config=training_scheduler())
+def setup(make_quant_unet):
+    den = make_quant_unet()
     cs = collect(den, num_samples=6, steps=8, policy=TimestepPolicy("uniform", count=4), progress=False)
     return den, cs
 

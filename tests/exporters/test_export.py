@@ -1,34 +1,23 @@
 import json
 import subprocess
 import sys
-import warnings
 
 import onnx
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel
+from diffusers import DiTTransformer2DModel
 
 from diffpress import Denoiser
 from diffpress.calibration import TimestepPolicy, collect
 from diffpress.compress import QuantizeConfig, quantize_
 from diffpress.exporters import export_onnx, export_torchscript
 from diffpress.exporters.onnx import example_feed, ort_session
-from diffpress.zoo.conditioner import LabelEmbedding
 from diffpress.zoo.models import training_scheduler
 
 
-def _unet(side: int) -> Denoiser:
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=side, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
-        norm_num_groups=8, attention_head_dim=8, cross_attention_dim=16,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-    return Denoiser(unet.eval(), conditioner=LabelEmbedding(10, 2, 16).eval(), scheduler_config=training_scheduler())
-
-
 @pytest.mark.parametrize("side", [8, 16])
-def test_float_export_matches_pytorch_at_two_shapes_and_batches(side, tmp_path):
-    den = _unet(side)
+def test_float_export_matches_pytorch_at_two_shapes_and_batches(side, tmp_path, make_quant_unet):
+    den = make_quant_unet(side)
     res = export_onnx(den, tmp_path / "m")
     checks = res.verification["checks"]
     assert [c["batch"] for c in checks] == [2, 3]  # dynamic batch
@@ -41,8 +30,8 @@ def test_float_export_matches_pytorch_at_two_shapes_and_batches(side, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def w8a8(tmp_path_factory):
-    den = _unet(8)
+def w8a8(tmp_path_factory, make_quant_unet):
+    den = make_quant_unet(8)
     cs = collect(den, num_samples=4, steps=6, policy=TimestepPolicy("uniform", count=3), progress=False)
     q = den.copy()
     quantize_(q, QuantizeConfig(timestep_groups=2), cs, progress=False)

@@ -1,24 +1,17 @@
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel
+from diffusers import DiTTransformer2DModel
 from torch import nn
 
 from diffpress import Denoiser
 from diffpress.graph import capture
-from diffpress.zoo.conditioner import LabelEmbedding
 
 
 def _roles(den):
     return {layer.name: set(layer.roles) for layer in capture(den, batch=2).layers}
 
 
-def test_unet_roles_and_skip_concats_from_the_graph():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
-        norm_num_groups=8, attention_head_dim=8, cross_attention_dim=16,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-    den = Denoiser(unet.eval(), conditioner=LabelEmbedding(10, 2, 16).eval())
-    graph = capture(den, batch=2)
+def test_unet_roles_and_skip_concats_from_the_graph(make_quant_unet):
+    graph = capture(make_quant_unet(), batch=2)
     roles = {layer.name: set(layer.roles) for layer in graph.layers}
     attn = "model.down_blocks.1.attentions.0.transformer_blocks.0"
     assert roles["model.conv_in"] == {"first"} and roles["model.conv_out"] == {"last"}
