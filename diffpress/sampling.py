@@ -1,6 +1,7 @@
 """The sampler loop over a diffusers scheduler, with classifier-free guidance, seeds and trajectory recording."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import diffusers
@@ -166,6 +167,12 @@ def sample(
             c = cond[lo:hi] if cond is not None else None
             u = uncond[lo:hi] if uncond is not None else None
             sched = make_scheduler(denoiser, scheduler)
+            if use_cfg and lo == 0 and getattr(sched.config, "clip_sample", False):
+                warnings.warn(
+                    f"{type(sched).__name__} has clip_sample=True: it clips the predicted x0 but not the "
+                    "epsilon, which degrades guided samples badly (digits-cond-unet, guidance 3: conditional "
+                    "accuracy 0.39 with clipping, 1.00 without); set clip_sample=False in the scheduler config",
+                    stacklevel=2)
             out, traj, n_calls = _run(denoiser, sched, x, gens, c, u, guidance, steps, record, bar)
             images.append(out)
     return SampleOutput(torch.cat(images), labels, traj, n_calls * (2 if use_cfg else 1))

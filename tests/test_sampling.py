@@ -211,3 +211,17 @@ def test_scheduler_shipped_with_the_checkpoint(builders):
     assert ddim.config.num_train_timesteps == 400 and ddim.config.prediction_type == "v_prediction"
     out = sample(den, num_samples=1, steps=3, scheduler=None, record=True, progress=False)
     assert out.trajectory.timesteps[0] == pytest.approx(399.0)
+
+
+def test_guidance_with_a_clipping_scheduler_warns(cond_unet):
+    import warnings
+
+    from diffusers import DDIMScheduler
+
+    with pytest.warns(UserWarning, match="clip_sample=True"):
+        sample(cond_unet, labels=[0, 1], guidance=2.0, steps=2, progress=False)  # diffusers default
+    den = cond_unet.copy()
+    den.scheduler_config = dict(DDIMScheduler(clip_sample=False).config, _class_name="DDIMScheduler")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample(den, labels=[0, 1], guidance=2.0, steps=2, progress=False)
