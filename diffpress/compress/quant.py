@@ -130,7 +130,7 @@ def timestep_groups(timesteps: list[float], k: int) -> list[list[float]]:
     """Split timesteps into ``k`` contiguous groups of (nearly) equal size, ascending.
 
     >>> timestep_groups([900.0, 700.0, 500.0, 300.0, 100.0], 2)
-    [[100.0, 300.0, 500.0], [700.0, 900.0]]
+    [[100.0, 300.0], [500.0, 700.0, 900.0]]
     """
     ts = sorted(timesteps)
     k = max(1, min(k, len(ts)))
