@@ -167,7 +167,8 @@ def export_onnx(
         raise DiffpressError(f"int4 weights need opset >= 21 (blocked DequantizeLinear), got {opset}")
     rtol = rtol if rtol is not None else (5e-2 if quantized else 1e-4)
     names = io_names(denoiser)
-    args = example_feed(denoiser, batch, sample_shape)
+    # torch.export specializes a dimension of size 1, so a dynamic batch is traced at 2 or more
+    args = example_feed(denoiser, max(batch, 2) if dynamic_batch else batch, sample_shape)
     dynamic = None
     if dynamic_batch:
         b = torch.export.Dim("batch", min=1, max=1024)
