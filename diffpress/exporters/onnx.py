@@ -129,6 +129,10 @@ def ort_session(path: str | Path, threads: int = 0, optimized_path: str | Path |
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(nbits_accuracy_level))
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
+        # large models: write the optimized graph's weights beside it (one protobuf cannot exceed 2 GB)
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    Path(optimized_path).name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
