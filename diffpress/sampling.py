@@ -1,6 +1,7 @@
 """The sampler loop over a diffusers scheduler, with classifier-free guidance, seeds and trajectory recording."""
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, field
 
@@ -84,6 +85,7 @@ def _run(denoiser: Denoiser, scheduler, x: torch.Tensor, gens: list[torch.Genera
     scheduler.set_timesteps(steps)
     x = x * scheduler.init_noise_sigma
     use_cfg = uncond is not None
+    step_kwargs = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
     rec_t, rec_x = [], []
     for t in scheduler.timesteps:
         xin = scheduler.scale_model_input(x, t)
@@ -95,17 +97,10 @@ def _run(denoiser: Denoiser, scheduler, x: torch.Tensor, gens: list[torch.Genera
             pred = pred_u + guidance * (pred_c - pred_u)
         else:
             pred = denoiser(xin, t, cond)
-        kwargs = {"generator": gens} if "generator" in _step_params(scheduler) else {}
-        x = scheduler.step(pred, t, x, **kwargs).prev_sample
+        x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
         bar.update(1)
     traj = Trajectory(torch.stack(rec_t), torch.stack(rec_x), cond, uncond, guidance) if record else None
     return x, traj, len(scheduler.timesteps)
-
-
-def _step_params(scheduler) -> tuple[str, ...]:
-    import inspect
-
-    return tuple(inspect.signature(scheduler.step).parameters)
 
 
 def sample(

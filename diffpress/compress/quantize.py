@@ -134,13 +134,15 @@ def quantize_(denoiser: Denoiser, config: QuantizeConfig | None = None,
     for layer in graph.layers:
         calls[layer.name] = calls.get(layer.name, 0) + 1
     report = QuantizeReport(config=asdict(config))
-    chosen = {}
+    chosen: dict[str, int | None] = {}
+    seen: set[str] = set()
     for layer in graph.layers:
+        if layer.name in seen:
+            continue
+        seen.add(layer.name)
         if layer.op not in ("linear", "conv2d"):
             report.skipped.append({"name": layer.name, "reason": f"{layer.op}: activation-activation product, "
                                                                   "not quantized by this pass"})
-            continue
-        if layer.name in chosen or any(s["name"] == layer.name for s in report.skipped):
             continue
         module = denoiser.get_submodule(layer.name)
         reason = _skip_reason(layer, module, config, calls)

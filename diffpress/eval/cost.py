@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Callable
 
 import torch
 from safetensors.torch import save as st_save
@@ -35,7 +36,7 @@ def macs_per_call(denoiser: nn.Module, batch: int = 1) -> int:
 
 
 @torch.no_grad()
-def latency_side_by_side(fns: dict[str, callable], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+def latency_side_by_side(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
     """Median seconds of each zero-argument callable, run interleaved so machine noise hits all alike.
 
     >>> out = latency_side_by_side({"a": lambda: sum(range(100))}, repeats=3, warmup=1)

@@ -163,8 +163,8 @@ def export_onnx(
     """
     import onnx
 
-    if denoiser.kind == "module" and opset < 18:
-        raise DiffpressError("opset must be >= 18 for the dynamo exporter")
+    if opset < 18:
+        raise DiffpressError(f"opset {opset} is too old: torch.onnx's dynamo exporter needs >= 18 (default 21)")
     quantized = bool(denoiser.compression)
     int4 = any(layer.get("weight_bits") == 4 for rec in denoiser.compression for layer in rec.get("layers", []))
     if int4 and opset < 21:
