@@ -37,7 +37,8 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("model.onnx*"))
 
 
-def bench(name: str, sample_size: int, batch: int, repeats: int, threads: int, work: Path) -> dict:
+def bench(name: str, sample_size: int, batch: int, repeats: int, threads: int, work: Path,
+          skip_roles_weights: str | None = None) -> dict:
     t0 = time.perf_counter()
     model = architectures.build(name, sample_size=sample_size)
     den = Denoiser(model, cond_shape=(77, model.config.cross_attention_dim) if name == "sd15-unet" else None)
@@ -48,7 +49,7 @@ def bench(name: str, sample_size: int, batch: int, repeats: int, threads: int, w
                    batch_size=4, progress=False)
     fp32 = export_onnx(den, work / f"{name}-fp32", batch=batch, force=True)
     q = den.copy()
-    report = quantize_(q, QuantizeConfig(), cs, progress=False)
+    report = quantize_(q, QuantizeConfig(skip_roles_weights=skip_roles_weights), cs, progress=False)
     del den
     int8 = export_onnx(q, work / f"{name}-w8a8", batch=batch, force=True)
     feeds = example_feed(q, batch, seed=5)
@@ -67,6 +68,7 @@ def bench(name: str, sample_size: int, batch: int, repeats: int, threads: int, w
     ops = int8.ort_op_types
     return {
         "architecture": name, "sample_size": sample_size, "batch": batch, "threads": threads,
+        "skip_roles_weights": skip_roles_weights,
         "fp32_ms": med["fp32"], "w8a8_ms": med["w8a8"], "speedup": med["fp32"] / med["w8a8"],
         "fp32_bytes": folder_bytes(work / f"{name}-fp32"), "w8a8_bytes": folder_bytes(work / f"{name}-w8a8"),
         "size_ratio": folder_bytes(work / f"{name}-fp32") / folder_bytes(work / f"{name}-w8a8"),
@@ -85,13 +87,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-roles-weights", choices=["int8"], default=None,
+                        help="give the layers that skip_roles keep in float int8 weights (weight-only)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/onnx_speed.json"))
     args = parser.parse_args()
     results = {"settings": {**vars(args), "out": str(args.out), "machine": platform.machine(),
                             "processor": platform.processor(), "torch": torch.__version__}, "runs": []}
     with tempfile.TemporaryDirectory() as work:
         for name in args.archs:
-            row = bench(name, args.sample_size, args.batch, args.repeats, args.threads, Path(work))
+            row = bench(name, args.sample_size, args.batch, args.repeats, args.threads, Path(work),
+                        args.skip_roles_weights)
             print(json.dumps(row))
             results["runs"].append(row)
             args.out.parent.mkdir(parents=True, exist_ok=True)

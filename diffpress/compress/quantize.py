@@ -49,6 +49,9 @@ class QuantizeConfig:
     split_concat: bool = True
     skip_roles: list[str] = field(default_factory=lambda: ["time_embedding", "first", "last"])
     skip: list[str] = field(default_factory=list)  # glob patterns over module names
+    # "int8": layers kept in float by skip_roles still get int8 per-channel weights (activations stay
+    # float): for DiT adaLN / time MLPs, which hold many weights but little compute
+    skip_roles_weights: str | None = None
     batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -57,6 +60,7 @@ class QuantizeConfig:
         _allowed("act_rule", self.act_rule, RANGE_RULES)
         for r in self.skip_roles:
             _allowed("skip_roles", r, ROLES)
+        _allowed("skip_roles_weights", self.skip_roles_weights, ("int8", None))
         if self.group_size is not None and self.group_size < 1:
             raise DiffpressError(f"group_size: must be a positive integer or null, got {self.group_size}")
         if self.timestep_groups < 1:
@@ -146,7 +150,14 @@ def quantize_(denoiser: Denoiser, config: QuantizeConfig | None = None,
             continue
         module = denoiser.get_submodule(layer.name)
         reason = _skip_reason(layer, module, config, calls)
-        if reason:
+        if reason and reason.startswith("role ") and config.skip_roles_weights == "int8" \
+                and not any(fnmatch.fnmatchcase(layer.name, p) for p in config.skip) and _plain_layer(module):
+            spec = {"name": layer.name, "kind": "linear" if isinstance(module, nn.Linear) else "conv2d",
+                    "weight_bits": 8, "group_size": None, "split": None, "act_groups": 0, "outputs": False,
+                    "weight_only": True}
+            _set_submodule(denoiser, layer.name, _build(module, spec, {}))
+            report.quantized.append(spec)
+        elif reason:
             report.skipped.append({"name": layer.name, "reason": reason})
         else:
             chosen[layer.name] = layer.concat_split if (config.split_concat and layer.op == "conv2d") else None
@@ -170,6 +181,11 @@ def quantize_(denoiser: Denoiser, config: QuantizeConfig | None = None,
     denoiser.timestep_context = context
     denoiser.compression.append({"pass": "quantize", "config": asdict(config), "layers": report.quantized})
     return report
+
+
+def _plain_layer(module: nn.Module) -> bool:
+    """A Linear, or a zero-padded Conv2d: what the quantized modules can replace."""
+    return isinstance(module, nn.Linear) or (module.padding_mode == "zeros" and not isinstance(module.padding, str))
 
 
 def _act_quant(part, groups, bounds, config: QuantizeConfig, context: TimestepContext) -> ActQuant:

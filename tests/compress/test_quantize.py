@@ -92,3 +92,19 @@ def test_skip_patterns_group_size_and_config_errors(setup):
         QuantizeConfig(skip_roles=["decoder"])
     with pytest.raises(diffpress.DiffpressError, match="calibration set"):
         quantize_(den.copy(), QuantizeConfig(), None)
+
+
+def test_role_skipped_layers_can_keep_int8_weights(setup, tmp_path):
+    den, cs = setup
+    q = den.copy()
+    report = quantize_(q, QuantizeConfig(skip_roles_weights="int8", skip=["model.time_embedding.linear_2"]),
+                       cs, progress=False)
+    weight_only = {s["name"] for s in report.quantized if s.get("weight_only")}
+    assert "model.time_embedding.linear_1" in weight_only and "model.conv_in" in weight_only
+    assert "model.time_embedding.linear_2" not in weight_only  # an explicit skip pattern keeps it float
+    mod = q.get_submodule("model.time_embedding.linear_1")
+    assert isinstance(mod, QuantLinear) and mod.act_in is None and mod.act_out is None
+    x, t, c = cs.x[:4], cs.t[:4], cs.cond[:4]
+    assert _rel_err(q(x, t, c), den(x, t, c)) < 0.02
+    q.save_pretrained(tmp_path / "q")
+    assert torch.equal(diffpress.load(tmp_path / "q")(x, t, c), q(x, t, c))
