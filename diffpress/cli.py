@@ -113,7 +113,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if labels is not None:
             raise DiffpressError("this model is unconditional; drop --labels")
         kw["num_samples"] = args.num
-    guidance = args.guidance if args.guidance is not None else (3.0 if den.cond_kind != "none" else 1.0)
+    guidance = args.guidance if args.guidance is not None else den.default_guidance
     out = sample(den, steps=args.steps, scheduler=_scheduler(args.scheduler), guidance=guidance,
                  seed=args.seed, **kw)
     rows = [("" if i else "samples", out.images[i:i + args.columns]) for i in range(0, len(out.images), args.columns)]

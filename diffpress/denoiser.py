@@ -206,6 +206,11 @@ class Denoiser(nn.Module):
         """True when there is a null condition for classifier-free guidance."""
         return self.null_label is not None or self.cond_kind == "hidden_states"
 
+    @property
+    def default_guidance(self) -> float:
+        """3.0 for a conditional model with a null condition, else 1.0 (no guidance)."""
+        return 3.0 if self.supports_guidance and self.cond_kind != "none" else 1.0
+
     def encode_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Class labels -> the ``cond`` this denoiser takes (labels themselves, or conditioner tokens)."""
         labels = torch.as_tensor(labels, dtype=torch.long)

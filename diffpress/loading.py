@@ -38,15 +38,19 @@ def _read_json(path: Path) -> dict:
         raise DiffpressError(f"{path} is not valid JSON ({exc}); the folder is damaged") from exc
 
 
-def _load_model(folder: Path):
+def _load_model(folder: Path, weights: bool = True):
+    """The diffusers model in ``folder``; with ``weights=False`` only its architecture (the values of a
+    compressed model come from its own state file)."""
     config = _read_json(folder / "config.json")
     name = config.get("_class_name")
     if name not in SUPPORTED:
         raise DiffpressError(
             f"{folder} holds a {name or 'model without _class_name'}, which diffpress does not support; "
             f"supported: {_supported_text()}")
-    _check_safetensors(folder)
     cls = getattr(diffusers, name)
+    if not weights:
+        return cls.from_config(config).eval()
+    _check_safetensors(folder)
     try:
         model, info = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
                                           low_cpu_mem_usage=False, output_loading_info=True)
@@ -71,40 +75,28 @@ def _load_scheduler_config(folder: Path, class_name: str | None) -> dict | None:
     return dict(cls.from_config(config).config, _class_name=cls.__name__)
 
 
-def _load_conditioner(folder: Path, spec: list):
+def _load_conditioner(folder: Path, spec: list, weights: bool = True):
     from diffpress.zoo.conditioner import LabelEmbedding
 
     if list(spec) != ["diffpress", "LabelEmbedding"]:
         raise DiffpressError(f"unsupported conditioner {spec} in {folder.parent}; supported: diffpress LabelEmbedding")
+    if not weights:
+        return LabelEmbedding.from_config(_read_json(folder / "config.json")).eval()
     _check_safetensors(folder)
     return LabelEmbedding.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False).eval()
 
 
-def _load_compressed(path: Path, index: dict, key: str, prediction_type: str | None) -> Denoiser:
-    """A model saved after compression: architecture from its config, modules rebuilt from diffpress.json,
-    values from compressed.safetensors."""
+def _restore_compressed(den: Denoiser, path: Path) -> None:
+    """Rebuild the compressed modules recorded in diffpress.json, then fill them from compressed.safetensors."""
     from safetensors.torch import load_file
 
     from diffpress.compress import restore
     from diffpress.denoiser import COMPRESSED_FORMAT
-    from diffpress.zoo.conditioner import LabelEmbedding
 
     manifest = _read_json(path / "diffpress.json")
     if manifest.get("format") != COMPRESSED_FORMAT:
         raise DiffpressError(f"{path}/diffpress.json has format {manifest.get('format')!r}; this diffpress reads "
                              f"{COMPRESSED_FORMAT}: upgrade diffpress or re-run the compression")
-    config = _read_json(path / key / "config.json")
-    name = config.get("_class_name")
-    if name not in SUPPORTED:
-        raise DiffpressError(f"{path / key} holds a {name}, which diffpress does not support; supported: {_supported_text()}")
-    model = getattr(diffusers, name).from_config(config).eval()
-    conditioner = None
-    if "conditioner" in index:
-        conditioner = LabelEmbedding.from_config(_read_json(path / "conditioner" / "config.json")).eval()
-    sched_spec = index.get("scheduler")
-    den = Denoiser(model, conditioner=conditioner,
-                   prediction_type=prediction_type or index.get("diffpress", {}).get("prediction_type"),
-                   scheduler_config=_load_scheduler_config(path / "scheduler", sched_spec[1] if sched_spec else None))
     restore(den, manifest["passes"])
     weights = path / "compressed.safetensors"
     try:
@@ -115,7 +107,6 @@ def _load_compressed(path: Path, index: dict, key: str, prediction_type: str | N
     if result.missing_keys or result.unexpected_keys:
         raise DiffpressError(f"{weights} does not match diffpress.json: missing {result.missing_keys[:5]}, "
                              f"unexpected {result.unexpected_keys[:5]}")
-    return den.eval()
 
 
 def load(source: str | Path, *, prediction_type: str | None = None) -> Denoiser:
@@ -147,15 +138,18 @@ def load(source: str | Path, *, prediction_type: str | None = None) -> Denoiser:
         key = next((k for k in MODEL_KEYS if k in index), None)
         if key is None:
             raise DiffpressError(f"{path}/model_index.json names no 'unet' or 'transformer' component")
-        if (path / "diffpress.json").exists():
-            return _load_compressed(path, index, key, prediction_type)
-        model = _load_model(path / key)
+        compressed = (path / "diffpress.json").exists()  # architecture here, values in compressed.safetensors
+        model = _load_model(path / key, weights=not compressed)
         sched_spec = index.get("scheduler")
         scheduler_config = _load_scheduler_config(path / "scheduler", sched_spec[1] if sched_spec else None)
-        conditioner = _load_conditioner(path / "conditioner", index["conditioner"]) if "conditioner" in index else None
+        conditioner = (_load_conditioner(path / "conditioner", index["conditioner"], weights=not compressed)
+                       if "conditioner" in index else None)
         prediction_type = prediction_type or index.get("diffpress", {}).get("prediction_type")
-        return Denoiser(model, prediction_type=prediction_type, conditioner=conditioner,
-                        scheduler_config=scheduler_config).eval()
+        den = Denoiser(model, prediction_type=prediction_type, conditioner=conditioner,
+                       scheduler_config=scheduler_config)
+        if compressed:
+            _restore_compressed(den, path)
+        return den.eval()
     if (path / "config.json").exists():
         return Denoiser(_load_model(path), prediction_type=prediction_type).eval()
     raise DiffpressError(

@@ -148,7 +148,7 @@ def collect(
     """
     policy = policy or TimestepPolicy()
     if guidance is None:
-        guidance = 3.0 if denoiser.supports_guidance and denoiser.cond_kind != "none" else 1.0
+        guidance = denoiser.default_guidance
     if cond is None and labels is None and denoiser.cond_kind != "none":
         if denoiser.num_classes is None:
             raise DiffpressError("this model is conditioned on hidden states; pass cond=(N, tokens, dim) to collect")

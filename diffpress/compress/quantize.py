@@ -152,9 +152,7 @@ def quantize_(denoiser: Denoiser, config: QuantizeConfig | None = None,
         reason = _skip_reason(layer, module, config, calls)
         if reason and reason.startswith("role ") and config.skip_roles_weights == "int8" \
                 and not any(fnmatch.fnmatchcase(layer.name, p) for p in config.skip) and _plain_layer(module):
-            spec = {"name": layer.name, "kind": "linear" if isinstance(module, nn.Linear) else "conv2d",
-                    "weight_bits": 8, "group_size": None, "split": None, "act_groups": 0, "outputs": False,
-                    "weight_only": True}
+            spec = _spec(layer.name, module, weight_bits=8, group_size=None, split=None, acts={}, weight_only=True)
             _set_submodule(denoiser, layer.name, _build(module, spec, {}))
             report.quantized.append(spec)
         elif reason:
@@ -173,14 +171,24 @@ def quantize_(denoiser: Denoiser, config: QuantizeConfig | None = None,
         module = denoiser.get_submodule(name)
         acts = {kind: [_act_quant(part, groups, bounds, config, context) for part in parts]
                 for kind, parts in stats.get(name, {}).items()}
-        spec = {"name": name, "kind": "linear" if isinstance(module, nn.Linear) else "conv2d",
-                "weight_bits": config.weight_bits, "group_size": config.group_size,
-                "split": split, "act_groups": len(groups) if acts else 0, "outputs": "out" in acts}
+        spec = _spec(name, module, weight_bits=config.weight_bits, group_size=config.group_size, split=split,
+                     acts=acts, act_groups=len(groups))
         _set_submodule(denoiser, name, _build(module, spec, acts))
         report.quantized.append(spec)
     denoiser.timestep_context = context
     denoiser.compression.append({"pass": "quantize", "config": asdict(config), "layers": report.quantized})
     return report
+
+
+def _spec(name: str, module: nn.Module, *, weight_bits: int, group_size: int | None, split: int | None,
+          acts: dict[str, list[ActQuant]], act_groups: int = 0, weight_only: bool = False) -> dict[str, Any]:
+    """The per-layer record saved in diffpress.json; restore_quantize rebuilds the module from it."""
+    spec = {"name": name, "kind": "linear" if isinstance(module, nn.Linear) else "conv2d",
+            "weight_bits": weight_bits, "group_size": group_size, "split": split,
+            "act_groups": act_groups if acts else 0, "outputs": "out" in acts}
+    if weight_only:
+        spec["weight_only"] = True
+    return spec
 
 
 def _plain_layer(module: nn.Module) -> bool:

@@ -139,8 +139,7 @@ def evaluate(
     >>> rep["fidelity"]["psnr_db"] is None  # identical models: infinite PSNR
     True
     """
-    guidance = (3.0 if reference.supports_guidance and reference.cond_kind != "none" else 1.0) \
-        if guidance is None else guidance
+    guidance = reference.default_guidance if guidance is None else guidance
     conds = _default_conditions(reference, num_samples, seed)
     kw = dict(guidance=guidance, steps=steps, scheduler=scheduler, seed=seed, progress=progress, **conds)
     ref_out = sample(reference, **kw)
