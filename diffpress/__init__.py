@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 from diffpress.calibration import CalibrationSet, TimestepPolicy  # noqa: E402  (after __version__: eval reads it)
 from diffpress.calibration import collect as calibrate
-from diffpress.compress import QuantizeConfig, quantize_
+from diffpress.compress import QuantizeConfig, ReconstructConfig, quantize_
 from diffpress.denoiser import Denoiser
 from diffpress.errors import DiffpressError
 from diffpress.eval import evaluate
@@ -25,6 +25,6 @@ from diffpress.exporters import export_onnx, export_torchscript
 from diffpress.loading import load
 from diffpress.sampling import SampleOutput, Trajectory, make_scheduler, sample
 
-__all__ = ["CalibrationSet", "Denoiser", "DiffpressError", "QuantizeConfig", "SampleOutput", "TimestepPolicy",
+__all__ = ["CalibrationSet", "Denoiser", "DiffpressError", "QuantizeConfig", "ReconstructConfig", "SampleOutput", "TimestepPolicy",
            "Trajectory", "calibrate", "evaluate", "export_onnx", "export_torchscript", "load", "make_scheduler",
            "quantize_", "sample"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffpress.compress.reconstruct import ReconstructConfig
 from diffpress.compress.quantize import QuantizeConfig, QuantizeReport, quantize_, restore_quantize
 from diffpress.errors import DiffpressError
 
@@ -18,4 +19,4 @@ def restore(denoiser, records: list[dict[str, Any]]) -> None:
         RESTORERS[record["pass"]](denoiser, record)
 
 
-__all__ = ["QuantizeConfig", "QuantizeReport", "quantize_", "restore"]
+__all__ = ["QuantizeConfig", "ReconstructConfig", "QuantizeReport", "quantize_", "restore"]

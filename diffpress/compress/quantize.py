@@ -18,6 +18,7 @@ from diffpress.calibration.dataset import CalibrationSet
 from diffpress.calibration.observers import observe
 from diffpress.compress.quant import (RANGE_RULES, ActQuant, QuantConv2d, QuantLinear, TimestepContext,
                                       act_qparams, aggregate_range, timestep_groups)
+from diffpress.compress.reconstruct import ReconstructConfig
 from diffpress.denoiser import Denoiser
 from diffpress.errors import DiffpressError
 from diffpress.graph import capture
@@ -53,8 +54,11 @@ class QuantizeConfig:
     # float): for DiT adaLN / time MLPs, which hold many weights but little compute
     skip_roles_weights: str | None = None
     batch_size: int = 32
+    reconstruct: ReconstructConfig | None = None  # None: round to nearest (the fast path)
 
     def __post_init__(self) -> None:
+        if isinstance(self.reconstruct, dict):
+            self.reconstruct = ReconstructConfig(**self.reconstruct)
         _allowed("weights", self.weights, ("int8", "int4"))
         _allowed("activations", self.activations, ("int8", None))
         _allowed("act_rule", self.act_rule, RANGE_RULES)
