@@ -23,8 +23,9 @@ from diffpress.errors import DiffpressError
 from diffpress.eval import evaluate
 from diffpress.exporters import export_onnx, export_torchscript
 from diffpress.loading import load
+from diffpress.recipes import run_recipe
 from diffpress.sampling import SampleOutput, Trajectory, make_scheduler, sample
 
 __all__ = ["CalibrationSet", "Denoiser", "DiffpressError", "QuantizeConfig", "ReconstructConfig", "SampleOutput", "TimestepPolicy",
            "Trajectory", "calibrate", "evaluate", "export_onnx", "export_torchscript", "load", "make_scheduler",
-           "quantize_", "sample"]
+           "quantize_", "run_recipe", "sample"]

@@ -1,4 +1,4 @@
-"""The ``diffpress`` command: inspect, sample and evaluate denoisers.
+"""The ``diffpress`` command: compress denoisers with recipes; inspect, sample, evaluate and export them.
 
 MODEL is a zoo name (digits-unet, digits-cond-unet, digits-dit) or a local folder: a diffusers model
 folder (config.json + .safetensors) or a pipeline folder (model_index.json). Nothing is downloaded.
@@ -14,6 +14,9 @@ from pathlib import Path
 from diffpress.errors import DiffpressError
 
 EPILOG = """examples:
+  diffpress run w8a8                                  # compress the default model; writes diffpress-out/w8a8-digits-cond-unet
+  diffpress run w4a8 --model ./my-pipeline --set passes.0.group_size=32 --out w4a8-run
+  diffpress recipes                                   # the built-in recipes
   diffpress inspect                                   # the default model, digits-cond-unet
   diffpress sample digits-dit --out dit.png --guidance 4
   diffpress eval digits-cond-unet ./my-compressed-unet --out eval/
@@ -139,6 +142,70 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/report.json, report.md, grid.png")
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    from diffpress.recipes.runner import default_out, run_recipe
+    from diffpress.recipes.schema import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)  # a bad recipe fails before the model is loaded
+    out = args.out if args.out is not None else default_out(recipe.name, args.model)
+    _quiet_exporters()
+    result = run_recipe(recipe, args.model, out, calibration=args.calibration, force=args.force,
+                        progress=not args.no_progress)
+    print(result.summary())
+
+
+def _quiet_exporters() -> None:
+    """Keep the exporters' log lines (torch.onnx registry notes, ORT graph-serialisation warnings) off the terminal."""
+    import logging
+
+    import onnxruntime
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    onnxruntime.set_default_logger_severity(3)
+
+
+def _run_folder_model(path: str) -> str:
+    """A run's output folder stands for the compressed model inside it."""
+    p = Path(path)
+    return str(p / "model") if (p / "recipe.yaml").is_file() and (p / "model").is_dir() else path
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from diffpress import load
+    from diffpress._io import check_writable
+
+    check_writable(args.out, args.force)
+    den = load(_run_folder_model(args.model))
+    _quiet_exporters()
+    if args.format == "onnx":
+        from diffpress.exporters import export_onnx
+
+        res = export_onnx(den, args.out, opset=args.opset, batch=args.batch, force=args.force)
+        worst = max(c["rel_rms_diff"] for c in res.verification["checks"])
+        check = f"ONNX Runtime vs PyTorch: rel. RMS diff {worst:.2g} (limit {res.verification['rtol']:g})"
+    else:
+        if args.opset != 21:
+            raise DiffpressError("--opset applies to ONNX only; drop it for --format torchscript")
+        from diffpress.exporters import export_torchscript
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            spec = export_torchscript(den, args.out, batch=args.batch, force=args.force)
+        check = f"reloaded TorchScript vs PyTorch: rel. RMS diff {spec['verification']['rel_rms_diff']:.2g}"
+    print(f"wrote {args.out} ({args.format}, {'compressed' if den.compression else 'uncompressed'} model); {check}")
+
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    from diffpress.recipes.schema import builtin_recipes, dump_recipe, load_recipe
+
+    if args.recipe is not None:
+        print(dump_recipe(load_recipe(args.recipe, args.set)), end="")
+        return
+    for name in builtin_recipes():
+        print(f"{name:<10} {load_recipe(name).description}")
+    print("\nshow one resolved (every default filled in): diffpress recipes NAME; run one: diffpress run NAME")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffpress", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,6 +213,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"diffpress {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="compress a model with a recipe: calibrate, compress, evaluate, export",
+                       description="Run RECIPE on a model: calibrate, apply the passes, evaluate against the "
+                                   "uncompressed model on the same seeds, export, and write --out atomically: model/ "
+                                   "(reloadable with diffpress.load), recipe.yaml (resolved), one folder per export, "
+                                   "report.json, report.md and grid.png. Ctrl-C or an error leaves nothing behind.")
+    p.add_argument("recipe", help="a built-in recipe name (see: diffpress recipes) or a recipe YAML file")
+    p.add_argument("--model", default=None,
+                   help="zoo name or local model/pipeline folder (default: digits-cond-unet)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: diffpress-out/RECIPE-MODEL in the current folder)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set passes.0.weights=int4 (repeatable; values are YAML)")
+    p.add_argument("--calibration", type=Path, default=None, metavar="PATH",
+                   help="calibration file: reused if it exists (it must fit the model and the recipe), "
+                        "else collected and saved there")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", help="export a (compressed) model to ONNX or TorchScript",
+                       description="Export MODEL (a run's output folder, a model/pipeline folder or a zoo name) "
+                                   "and check the artifact against PyTorch.")
+    p.add_argument("model", help="a `diffpress run` output folder, a model/pipeline folder or a zoo name")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--opset", type=int, default=21, help="ONNX opset (default: 21)")
+    p.add_argument("--batch", type=int, default=2,
+                   help="example batch traced (ONNX keeps the batch dynamic; TorchScript fixes it) (default: 2)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("recipes", help="list the built-in recipes, or print one resolved",
+                       description="Without RECIPE: the built-in recipes and what they do. With RECIPE (a name or a "
+                                   "YAML file): the resolved recipe, every default filled in.")
+    p.add_argument("recipe", nargs="?", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value (repeatable)")
+    p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("inspect", help="architecture, parameters, MACs, layer table, conditioning",
                        description="Load MODEL, capture its graph with torch.export and print what it is.")

@@ -90,10 +90,13 @@ class Report:
         """Write the report files into an existing folder (used inside a larger atomic output)."""
         (folder / "report.json").write_text(json.dumps(self.data, indent=2) + "\n")
         (folder / "report.md").write_text(self.to_markdown())
+        self.save_grid(folder / "grid.png")
+
+    def save_grid(self, path: Path) -> Path:
+        """The sample grid: rows reference, candidate, |difference| x4 (the first ``GRID_COLUMNS`` seeds)."""
         k = min(GRID_COLUMNS, len(self.reference_images))
         ref, cand = self.reference_images[:k], self.candidate_images[:k]
-        save_grid([("reference", ref), ("candidate", cand), ("|diff| x4", difference(ref, cand))],
-                  folder / "grid.png")
+        return save_grid([("reference", ref), ("candidate", cand), ("|diff| x4", difference(ref, cand))], path)
 
 
 def _default_conditions(den: Denoiser, n: int, seed: int) -> dict[str, Any]:

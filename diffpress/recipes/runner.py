@@ -1,0 +1,299 @@
+"""run_recipe(): load, calibrate, compress, evaluate, export, and write one output folder atomically.
+
+The output folder (written to a temporary sibling and renamed into place only when everything
+succeeded, so an error or Ctrl-C leaves nothing behind) holds ``model/`` (reloadable with
+:func:`diffpress.load`), ``recipe.yaml`` (the resolved recipe), one folder per export with its
+``io_spec.json``, ``report.json``, ``report.md`` and ``grid.png``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from diffpress._io import atomic_dir, check_writable
+from diffpress.calibration import CalibrationSet, collect
+from diffpress.denoiser import Denoiser
+from diffpress.errors import DiffpressError
+from diffpress.eval import Report, evaluate
+from diffpress.eval.cost import latency_side_by_side
+from diffpress.recipes import run_report
+from diffpress.recipes.schema import CalibrationConfig, EvaluationConfig, Recipe, dump_recipe, load_recipe
+from diffpress.sampling import make_scheduler
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_recipe` produced: the compressed denoiser, the measurements and where they went."""
+
+    recipe: Recipe
+    model: Denoiser  # the compressed denoiser
+    reference: Denoiser  # the uncompressed one it was measured against
+    evaluation: Report
+    pass_reports: list[Any]
+    report: dict[str, Any]  # what report.json holds
+    calibration: CalibrationSet | None = None
+    out: Path | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self.report[key]
+
+    def summary(self) -> str:
+        return run_report.summary(self.report, self.out)
+
+
+class _Stages:
+    """One progress bar over the stages of a run (each stage's own bar sits below it) and their timings."""
+
+    def __init__(self, names: list[str], progress: bool):
+        self.names, self.progress = names, progress
+        self.timings: dict[str, float] = {}
+        self.bar = tqdm(total=len(names), desc="diffpress run", unit="stage", disable=not progress, file=sys.stderr)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, detail: str = "") -> Iterator[None]:
+        self.bar.set_description(name)
+        if self.progress:
+            self.bar.write(f"[{len(self.timings) + 1}/{len(self.names)}] {name}{': ' + detail if detail else ''}",
+                           file=sys.stderr)
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 2)
+        self.bar.update(1)
+
+
+def resolve_sampler(denoiser: Denoiser, name: str | None) -> tuple[str | None, dict[str, str | None]]:
+    """A recipe's sampler value -> the ``scheduler`` argument of sample/collect, and what it means for this model.
+
+    >>> from diffpress import load
+    >>> resolve_sampler(load("digits-unet"), "auto")  # the zoo ships its DDPM training schedule
+    ('ddim', {'requested': 'auto', 'class': 'DDIMScheduler', 'from': 'recipe'})
+    >>> resolve_sampler(load("digits-unet"), "model")[1]["class"]
+    'DDPMScheduler'
+    """
+    own = (denoiser.scheduler_config or {}).get("_class_name")
+    if name == "auto":
+        # a DDPM schedule is what a model was trained with; sampling it in 50 steps is poor, so DDIM instead
+        arg = None if own and own != "DDPMScheduler" else "ddim"
+    else:
+        arg = None if name in (None, "model") else name
+    cls = type(make_scheduler(denoiser, arg)).__name__
+    return arg, {"requested": name, "class": cls, "from": "checkpoint" if arg is None else "recipe"}
+
+
+def model_fingerprint(denoiser: Denoiser) -> str:
+    """A hash of the denoiser's state (names, shapes, values): tells calibration sets of different models apart."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in denoiser.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _calibration_settings(den: Denoiser, cfg: CalibrationConfig, sampler: str | None) -> dict[str, Any]:
+    """The part of a calibration set's metadata that must match the recipe for the set to be reused."""
+    return {"num_samples": cfg.samples, "steps": cfg.steps, "scheduler": sampler or "model default",
+            "guidance": den.default_guidance if cfg.guidance is None else cfg.guidance, "seed": cfg.seed,
+            "policy": dataclasses.asdict(cfg.policy)}
+
+
+def _check_reuse(cs: CalibrationSet, den: Denoiser, settings: dict[str, Any], fingerprint: str, path: Path) -> None:
+    meta = cs.meta
+    cond_shape = tuple(cs.cond.shape[1:]) if cs.cond is not None else None
+    want_cond = None if den.cond_kind == "none" else (den.cond_shape if den.cond_kind == "hidden_states" else ())
+    got = (tuple(meta.get("sample_shape", ())), meta.get("cond_kind"), cond_shape)
+    if got != (tuple(den.sample_shape), den.cond_kind, want_cond):
+        raise DiffpressError(
+            f"calibration set {path} does not fit this model: it holds samples {got[0]}, condition {got[1]} "
+            f"{got[2] or ''}; the model takes {tuple(den.sample_shape)}, {den.cond_kind} {want_cond or ''}. "
+            "Give another --calibration path (a new set is collected there)")
+    if meta.get("model_fingerprint") not in (None, fingerprint):
+        raise DiffpressError(f"calibration set {path} was collected on another model (the weights differ); "
+                             "give another --calibration path (a new set is collected there)")
+    diff = [f"{k}={meta.get(k)!r} (recipe: {v!r})" for k, v in settings.items() if meta.get(k) != v]
+    if diff:
+        raise DiffpressError(f"calibration set {path} was collected with other settings: {', '.join(diff)}; give "
+                             "another --calibration path, or make the recipe match (--set calibration.KEY=VALUE)")
+
+
+def _calibrate(den: Denoiser, cfg: CalibrationConfig, sampler: str | None, path: Path | None,
+               progress: bool) -> tuple[CalibrationSet, str]:
+    settings = _calibration_settings(den, cfg, sampler)
+    fingerprint = model_fingerprint(den)
+    if path is not None and path.exists():
+        cs = CalibrationSet.load(path)
+        _check_reuse(cs, den, settings, fingerprint, path)
+        return cs, f"loaded from {path}"
+    cs = collect(den, num_samples=cfg.samples, steps=cfg.steps, scheduler=sampler, guidance=cfg.guidance,
+                 policy=cfg.policy, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+    cs.meta["model_fingerprint"] = fingerprint
+    if path is None:
+        return cs, "collected"
+    cs.save(path)  # right away: a later failure of the run should not cost the collection
+    return cs, f"collected, saved to {path}"
+
+
+def _export(fmt: str, compressed: Denoiser, folder: Path, cfg) -> dict[str, Any]:
+    from diffpress.exporters import export_onnx, export_torchscript
+
+    if fmt == "onnx":
+        res = export_onnx(compressed, folder, opset=cfg.opset, batch=cfg.batch, dynamic_batch=cfg.dynamic_batch)
+        return {"format": fmt, "path": f"{folder.name}/model.onnx", "bytes": run_report.folder_bytes(folder),
+                "opset": cfg.opset, "verification": res.verification, "op_types": res.op_types,
+                "ort_op_types": res.ort_op_types}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecation is stated in the report instead
+        spec = export_torchscript(compressed, folder, batch=cfg.batch)
+    return {"format": fmt, "path": f"{folder.name}/model.pt", "bytes": run_report.folder_bytes(folder),
+            "verification": spec["verification"],
+            "note": "TorchScript is deprecated upstream; the traced graph computes the fake-quant simulation"}
+
+
+def ort_speed(reference: Denoiser, compressed_onnx: Path, work: Path, ev: EvaluationConfig, opset: int) -> dict:
+    """ONNX Runtime latency of ``compressed_onnx`` against an fp32 ONNX export of ``reference``, side by side."""
+    import onnxruntime
+
+    from diffpress.exporters import export_onnx
+    from diffpress.exporters.onnx import example_feed, ort_session
+
+    export_onnx(reference, work / "fp32-onnx", opset=opset)
+    feeds = example_feed(reference, ev.ort_batch, seed=5)
+    paths = {"fp32": work / "fp32-onnx" / "model.onnx", "compressed": compressed_onnx}
+    calls = {}
+    for key, path in paths.items():
+        sess = ort_session(path, threads=ev.ort_threads)
+        inputs = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), feeds)}
+        calls[key] = (lambda s=sess, f=inputs: s.run(None, f))
+    med = latency_side_by_side(calls, repeats=ev.ort_repeats, warmup=3)
+    return {"runtime": f"onnxruntime {onnxruntime.__version__} CPU", "threads": ev.ort_threads or "all cores",
+            "batch": ev.ort_batch, "repeats": ev.ort_repeats, "fp32_ms": med["fp32"] * 1e3,
+            "compressed_ms": med["compressed"] * 1e3, "speedup": med["fp32"] / med["compressed"],
+            "fp32_onnx_bytes": run_report.folder_bytes(work / "fp32-onnx")}
+
+
+def _check_reload(compressed: Denoiser, folder: Path) -> dict[str, Any]:
+    """Reload the saved model and require bit-identical outputs: the folder is the run's model, not an approximation."""
+    from diffpress.loading import load
+
+    reloaded = load(folder)
+    diffs = []
+    with torch.no_grad():
+        for t in (999, 500, 1):
+            x, _, c = compressed.example_inputs(2, seed=t)
+            a, b = compressed(x, torch.full((2,), t), c), reloaded(x, torch.full((2,), t), c)
+            diffs.append(float((a - b).abs().max()))
+            if not torch.equal(a, b):
+                raise DiffpressError(f"the saved model does not reproduce the compressed one (max |diff| {diffs[-1]:.3g} "
+                                     f"at t={t}); a pass's save/restore is broken: please report this")
+    return {"identical": True, "timesteps": [999, 500, 1], "max_abs_diff": max(diffs)}
+
+
+def _model_label(model: str | Path | Denoiser | None) -> str:
+    from diffpress.zoo import DEFAULT_MODEL
+
+    if isinstance(model, Denoiser):
+        return f"{type(model.model).__name__} object"
+    return str(model if model is not None else DEFAULT_MODEL)
+
+
+def default_out(recipe_name: str, model: str | Path | None) -> Path:
+    """``diffpress-out/<recipe>-<model>`` in the current folder (the model's zoo name or folder name)."""
+    from diffpress.zoo import DEFAULT_MODEL
+
+    return Path("diffpress-out") / f"{recipe_name}-{Path(str(model or DEFAULT_MODEL)).name}"
+
+
+def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None = None, out: str | Path | None = None,
+               overrides: Iterable[str] = (), calibration: str | Path | None = None, force: bool = False,
+               progress: bool = True) -> RunResult:
+    """Run a recipe end to end: load ``model`` (default: the zoo's digits-cond-unet), calibrate, apply the
+    passes, evaluate against the uncompressed model on the same seeds, export, and write ``out`` atomically.
+
+    ``recipe`` is a built-in name (``diffpress recipes``), a YAML file or a :class:`Recipe`; ``overrides``
+    are ``KEY=VALUE`` strings like the CLI's ``--set``. ``calibration`` names a calibration file: reused
+    if it exists (it must fit the model and the recipe), else collected and saved there. With
+    ``out=None`` nothing is written: exports and timings use a temporary folder.
+
+    >>> import diffpress
+    >>> tiny = ["calibration.samples=2", "calibration.steps=4", "calibration.policy.count=2",
+    ...         "evaluation.samples=4", "evaluation.steps=4", "evaluation.metrics=[psnr, ssim]", "exports=[]"]
+    >>> res = diffpress.run_recipe("fast", "digits-unet", overrides=tiny, progress=False)
+    >>> res["passes"][0]["pass"], res["evaluation"]["settings"]["num_samples"], res["evaluation"]["fidelity"]["psnr_db"] > 20
+    ('quantize', 4, True)
+    """
+    recipe = load_recipe(recipe, overrides)
+    if out is not None:
+        check_writable(out, force)  # before any work
+    cal_path = Path(calibration) if calibration is not None else None
+    ev = recipe.evaluation
+    onnx_cfg = next((e for e in recipe.exports if e.format == "onnx"), None)
+    measure_ort = "ort_speed" in ev.metrics and onnx_cfg is not None
+    names = ["load", *(["calibrate"] if recipe.needs_calibration else []),
+             *[f"pass {i}: {p.name}" for i, p in enumerate(recipe.passes)], "evaluate",
+             *[f"export {e.format}" for e in recipe.exports], *(["ort speed"] if measure_ort else []),
+             *(["write"] if out is not None else [])]
+    stages = _Stages(names, progress)
+    folder = atomic_dir(out, force=force) if out is not None else tempfile.TemporaryDirectory(prefix="diffpress-run-")
+    with folder as tmp, stages.bar:
+        tmp = Path(tmp)
+        label = _model_label(model)
+        with stages("load", label):
+            from diffpress.loading import load
+            from diffpress.zoo import DEFAULT_MODEL
+
+            reference = model if isinstance(model, Denoiser) else load(model if model is not None else DEFAULT_MODEL)
+        cal_sampler, cal_sched = resolve_sampler(reference, recipe.calibration.sampler)
+        cs, cal_source = None, "not needed: no pass uses calibration data"
+        if recipe.needs_calibration:
+            c = recipe.calibration
+            with stages("calibrate", f"{c.samples} trajectories x {c.steps} steps ({cal_sched['class']})"):
+                cs, cal_source = _calibrate(reference, c, cal_sampler, cal_path, progress)
+        compressed = reference.copy()
+        pass_reports = []
+        for i, step in enumerate(recipe.passes):
+            with stages(f"pass {i}: {step.name}", step.spec.description):
+                pass_reports.append(step.spec.apply(compressed, step.config, cs, progress))
+        eval_sampler, eval_sched = resolve_sampler(reference, ev.sampler)
+        with stages("evaluate", f"{ev.samples} samples x {ev.steps} steps, both models, seeds {ev.seed}.."):
+            evaluation = evaluate(reference, compressed, num_samples=ev.samples, steps=ev.steps,
+                                  scheduler=eval_sampler, guidance=ev.guidance, seed=ev.seed,
+                                  latency_repeats=ev.latency_repeats, names=(label, f"{label} [{recipe.name}]"),
+                                  progress=progress)
+            if compressed.compression:
+                evaluation.notes.append(run_report.SIMULATION_NOTE)
+        exports = []
+        for e in recipe.exports:
+            with stages(f"export {e.format}"):
+                exports.append(_export(e.format, compressed, tmp / e.format, e))
+        speed = None
+        if measure_ort:
+            with stages("ort speed", f"fp32 ONNX vs {recipe.name} ONNX, {ev.ort_repeats} interleaved repeats"), \
+                    tempfile.TemporaryDirectory(prefix="diffpress-fp32-") as work:
+                speed = ort_speed(reference, tmp / "onnx" / "model.onnx", Path(work), ev, onnx_cfg.opset)
+        def report(reload_check: dict | None = None) -> dict[str, Any]:
+            return run_report.build(
+                recipe=recipe, model=label, reference=reference, compressed=compressed, calibration=cs,
+                calibration_source=cal_source, calibration_scheduler=cal_sched, pass_reports=pass_reports,
+                evaluation=evaluation, evaluation_scheduler=eval_sched, exports=exports, speed=speed,
+                reload_check=reload_check, timings=stages.timings)
+
+        if out is None:
+            data = report()
+        else:
+            with stages("write", str(out)):
+                compressed.save_pretrained(tmp / "model")
+                data = report(_check_reload(compressed, tmp / "model"))
+                (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
+                run_report.write(data, evaluation, tmp)
+    return RunResult(recipe, compressed, reference, evaluation, pass_reports, data, cs,
+                     Path(out) if out is not None else None)

@@ -1,0 +1,177 @@
+"""Build config dataclasses from parsed YAML, checked against their fields: one source of truth for the schema.
+
+Every error names the source (a file, or the ``--set`` that caused it), the key path and what is allowed:
+
+>>> from diffpress.compress import QuantizeConfig
+>>> build(QuantizeConfig, {"weights": "int4", "reconstruct": {"iters": 10}}, Where("r.yaml", ("passes", 0))).reconstruct.iters
+10
+>>> build(QuantizeConfig, {"weghts": "int4"}, Where("r.yaml", ("passes", 0)))
+Traceback (most recent call last):
+...
+diffpress.errors.DiffpressError: r.yaml: passes.0.weghts: unknown key (did you mean 'weights'?); allowed: weights, group_size, ...
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from diffpress.errors import DiffpressError
+
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+@dataclass(frozen=True)
+class Where:
+    """A place in a recipe: the source it came from and the key path inside it."""
+
+    source: str
+    path: tuple[str | int, ...] = ()
+
+    def __truediv__(self, key: str | int) -> "Where":
+        return Where(self.source, (*self.path, key))
+
+    @property
+    def key(self) -> str:
+        return ".".join(str(p) for p in self.path)
+
+    def error(self, message: str) -> DiffpressError:
+        return DiffpressError(f"{self.source}: {self.key + ': ' if self.path else ''}{message}")
+
+
+def type_name(tp: Any) -> str:
+    """How a type reads in an error message: ``int``, ``int or null``, ``list of str``, ``section``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        names = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is list:
+        return f"list of {type_name(args[0])}"
+    if origin is tuple:
+        if args and args[-1] is not Ellipsis:
+            return "[" + ", ".join(type_name(a) for a in args) + "]"
+        return "list"
+    if dataclasses.is_dataclass(tp):
+        return "section (a mapping)"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def show_value(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _accepts(tp: Any, value: Any) -> bool:
+    """Whether ``value`` has the outer shape of ``tp`` (what is inside is checked by :func:`convert`)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(a, value) for a in typing.get_args(tp))
+    if hasattr(tp, "from_recipe") or dataclasses.is_dataclass(tp) or origin is dict:
+        return isinstance(value, dict)
+    if origin is list:
+        return isinstance(value, list)
+    if origin is tuple:
+        return isinstance(value, (list, tuple))
+    if tp is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return tp is bool
+    if tp is float:
+        return isinstance(value, (int, float))
+    return isinstance(tp, type) and isinstance(value, tp)
+
+
+def _mismatch(tp: Any, value: Any, where: Where) -> DiffpressError:
+    hint = ""
+    if isinstance(value, str) and _FLOAT_TEXT.match(value) and _accepts(tp, 1.0):
+        hint = f" (YAML reads {value} as text; write it with a decimal point, e.g. {float(value)!r})"
+    return where.error(f"expected {type_name(tp)}, got {show_value(value)}{hint}")
+
+
+def convert(value: Any, tp: Any, where: Where) -> Any:
+    """``value`` checked against the type hint ``tp`` (nested dataclasses are built); raises with ``where``."""
+    if not _accepts(tp, value):
+        raise _mismatch(tp, value, where)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        return convert(value, next(a for a in args if a is not type(None) and _accepts(a, value)), where)
+    if hasattr(tp, "from_recipe"):  # types with their own layout in YAML (pass entries)
+        return tp.from_recipe(value, where)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if origin is list:
+        return [convert(v, args[0], where / i) for i, v in enumerate(value)]
+    if origin is tuple:
+        if args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _mismatch(tp, value, where)
+            return tuple(convert(v, k, where / i) for i, (v, k) in enumerate(zip(value, args)))
+        return tuple(convert(v, args[0] if args else Any, where / i) for i, v in enumerate(value))
+    if tp is float:
+        return float(value)
+    return value
+
+
+def fields_of(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type hint (the modules use ``from __future__ import annotations``)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def unknown_key(where: Where, key: str, allowed: list[str]) -> DiffpressError:
+    close = difflib.get_close_matches(str(key), allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (where / key).error(f"unknown key{hint}; allowed: {', '.join(allowed)}")
+
+
+def build(cls: type, data: Any, where: Where, extra_keys: tuple[str, ...] = ()) -> Any:
+    """An instance of dataclass ``cls`` from a mapping; unknown keys, wrong types and the dataclass's own
+    ``__post_init__`` checks raise :class:`DiffpressError` naming the source and the key path.
+    ``extra_keys`` are keys the caller consumed (named among the allowed ones in errors)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise where.error(f"expected a section (a mapping with keys {', '.join(fields_of(cls))}), got {show_value(data)}")
+    hints = fields_of(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise unknown_key(where, key, [*extra_keys, *hints])
+        kwargs[key] = convert(value, hints[key], where / key)
+    try:
+        return cls(**kwargs)
+    except DiffpressError as exc:
+        raise _located(str(exc), where, list(hints)) from None
+
+
+def _located(message: str, where: Where, keys: list[str]) -> DiffpressError:
+    """Prefix a dataclass's own message ("key: ...") with the source and the full key path."""
+    head, sep, rest = message.partition(": ")
+    parts = head.split(".")
+    if sep and where.path and parts[0] == str(where.path[-1]) and len(parts) > 1:
+        parts = parts[1:]  # the dataclass already named itself (e.g. "reconstruct.iters")
+    if sep and parts[0] in keys and " " not in head:
+        return Where(where.source, (*where.path, *parts)).error(rest)
+    return where.error(message)
+
+
+def to_data(obj: Any) -> Any:
+    """The YAML-ready form of a config: dataclasses as mappings in field order, tuples as lists."""
+    if hasattr(obj, "to_recipe"):
+        return obj.to_recipe()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {name: to_data(getattr(obj, name)) for name in fields_of(type(obj))}
+    if isinstance(obj, (list, tuple)):
+        return [to_data(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_data(v) for k, v in obj.items()}
+    return obj
