@@ -107,6 +107,14 @@ class TinyNet(nn.Module):
         return self.conv_out(torch.nn.functional.silu(h))
 
 
+def build_digits_dit() -> DiTTransformer2DModel:
+    """An untrained class-conditional DiT with the digits shape (1x16x16, 10 classes), one block: fast, and it
+    triggers the digits metrics (FD, conditional accuracy)."""
+    with _seeded_build(0):
+        return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                     num_layers=1, sample_size=16, patch_size=4, num_embeds_ada_norm=10).eval()
+
+
 def build_plain() -> TinyNet:
     with _seeded_build(6):
         return TinyNet().eval()
@@ -148,6 +156,14 @@ def plain() -> Denoiser:
     return Denoiser(build_plain(), sample_shape=(SIZES.channels, SIZES.side, SIZES.side)).eval()
 
 
+@pytest.fixture(scope="session")
+def tiny_digits_dit() -> Denoiser:
+    """:func:`build_digits_dit` with the zoo's training scheduler."""
+    from diffpress.zoo.models import training_scheduler
+
+    return Denoiser(build_digits_dit(), scheduler_config=training_scheduler()).eval()
+
+
 _FIXTURE_OF_KIND = {"unet2d": "unet2d", "unet2d_condition": "cond_unet", "dit": "dit", "pixart": "pixart",
                     "module": "plain"}
 
@@ -162,7 +178,8 @@ def tiny(request):
 def builders() -> SimpleNamespace:
     """Fresh (unwrapped) model builders, for tests that need their own copy or a variant."""
     return SimpleNamespace(unet2d=build_unet2d, cond_unet=build_cond_unet, label_embedding=build_label_embedding,
-                           dit=build_dit, pixart=build_pixart, plain=build_plain, TinyNet=TinyNet)
+                           dit=build_dit, pixart=build_pixart, plain=build_plain, TinyNet=TinyNet,
+                           digits_dit=build_digits_dit)
 
 
 def make_cond(den: Denoiser, batch: int, seed: int = 0, tokens: int | None = None) -> torch.Tensor | None:

@@ -4,22 +4,16 @@ import sys
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
 from PIL import Image
 
-from diffpress import Denoiser
 from diffpress.cli import main
 from diffpress.graph import capture
-from diffpress.zoo.models import training_scheduler
 
 
 @pytest.fixture(scope="module")
-def saved_models(tmp_path_factory):
+def saved_models(tmp_path_factory, tiny_digits_dit):
     """A tiny class-conditional DiT (digits shape) and a copy with noisy weights, as pipeline folders."""
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
-                                  num_layers=1, sample_size=16, patch_size=4, num_embeds_ada_norm=10)
-    den = Denoiser(model.eval(), scheduler_config=training_scheduler())
+    den = tiny_digits_dit
     root = tmp_path_factory.mktemp("models")
     den.save_pretrained(root / "ref")
     noisy = den.copy()

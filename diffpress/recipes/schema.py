@@ -26,7 +26,7 @@ import yaml
 from diffpress.calibration.policies import TimestepPolicy
 from diffpress.errors import DiffpressError
 from diffpress.recipes.passes import PASSES, PassStep, check_order
-from diffpress.recipes.validate import Where, show_value, build, to_data
+from diffpress.recipes.validate import RecipeError, Where, build, show_value, to_data
 from diffpress.sampling import SCHEDULERS
 
 VERSION = 1
@@ -267,7 +267,9 @@ def apply_override(data: dict, key: str, value: Any, source: str) -> dict:
 def load_recipe(source: str | Path | Recipe, overrides: Iterable[str] = ()) -> Recipe:
     """A validated :class:`Recipe` from a built-in name, a YAML file or a Recipe, with ``--set`` style overrides.
 
-    Errors name the file (or the ``--set`` that caused them), the key path and what is allowed.
+    Errors name the file (or the ``--set`` that caused them), the key path and what is allowed. The
+    overrides are applied together, then checked: a recipe may pass through invalid states on the way
+    (``--set exports=[] --set evaluation.metrics=[psnr]``).
     """
     if isinstance(source, Recipe):
         data, label, name = to_data(source), f"recipe {source.name}", source.name
@@ -276,11 +278,21 @@ def load_recipe(source: str | Path | Recipe, overrides: Iterable[str] = ()) -> R
         path = _find(source)
         data, label, name = _read(path), str(path), path.stem
         recipe = from_data(data, label, name)
+    sets: list[tuple[str, str]] = []
     for text in overrides:
         key, value = parse_override(text)
         data = apply_override(data, key, value, f"--set {text}")
-        recipe = from_data(data, f"--set {text}", name)
-    return recipe
+        sets.append((key, text))
+    if not sets:
+        return recipe
+    try:
+        return from_data(data, label, name)
+    except RecipeError as exc:
+        # blame the last override on the failing key path (or above / below it), else all of them
+        culprit = next((t for k, t in reversed(sets) if k == exc.key or exc.key.startswith(k + ".")
+                        or k.startswith(exc.key + ".")), None)
+        source = f"--set {culprit}" if culprit else f"{label} with " + " ".join(f"--set {t}" for _, t in sets)
+        raise RecipeError(source, exc.key, exc.message) from None
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -25,6 +25,14 @@ from diffpress.errors import DiffpressError
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
+class RecipeError(DiffpressError):
+    """A recipe problem at ``key`` (a dotted path) of ``source`` (a file, or the ``--set`` that caused it)."""
+
+    def __init__(self, source: str, key: str, message: str):
+        self.source, self.key, self.message = source, key, message
+        super().__init__(f"{source}: {key + ': ' if key else ''}{message}")
+
+
 @dataclass(frozen=True)
 class Where:
     """A place in a recipe: the source it came from and the key path inside it."""
@@ -39,8 +47,8 @@ class Where:
     def key(self) -> str:
         return ".".join(str(p) for p in self.path)
 
-    def error(self, message: str) -> DiffpressError:
-        return DiffpressError(f"{self.source}: {self.key + ': ' if self.path else ''}{message}")
+    def error(self, message: str) -> RecipeError:
+        return RecipeError(self.source, self.key, message)
 
 
 def type_name(tp: Any) -> str:
@@ -56,7 +64,7 @@ def type_name(tp: Any) -> str:
             return "[" + ", ".join(type_name(a) for a in args) + "]"
         return "list"
     if dataclasses.is_dataclass(tp):
-        return "section (a mapping)"
+        return f"a section (a mapping with keys {', '.join(fields_of(tp))})"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -88,7 +96,7 @@ def _accepts(tp: Any, value: Any) -> bool:
     return isinstance(tp, type) and isinstance(value, tp)
 
 
-def _mismatch(tp: Any, value: Any, where: Where) -> DiffpressError:
+def _mismatch(tp: Any, value: Any, where: Where) -> RecipeError:
     hint = ""
     if isinstance(value, str) and _FLOAT_TEXT.match(value) and _accepts(tp, 1.0):
         hint = f" (YAML reads {value} as text; write it with a decimal point, e.g. {float(value)!r})"
@@ -127,7 +135,7 @@ def fields_of(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
-def unknown_key(where: Where, key: str, allowed: list[str]) -> DiffpressError:
+def unknown_key(where: Where, key: str, allowed: list[str]) -> RecipeError:
     close = difflib.get_close_matches(str(key), allowed, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return (where / key).error(f"unknown key{hint}; allowed: {', '.join(allowed)}")
@@ -140,7 +148,7 @@ def build(cls: type, data: Any, where: Where, extra_keys: tuple[str, ...] = ()) 
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise where.error(f"expected a section (a mapping with keys {', '.join(fields_of(cls))}), got {show_value(data)}")
+        raise where.error(f"expected {type_name(cls)}, got {show_value(data)}")
     hints = fields_of(cls)
     kwargs = {}
     for key, value in data.items():
@@ -153,7 +161,7 @@ def build(cls: type, data: Any, where: Where, extra_keys: tuple[str, ...] = ()) 
         raise _located(str(exc), where, list(hints)) from None
 
 
-def _located(message: str, where: Where, keys: list[str]) -> DiffpressError:
+def _located(message: str, where: Where, keys: list[str]) -> RecipeError:
     """Prefix a dataclass's own message ("key: ...") with the source and the full key path."""
     head, sep, rest = message.partition(": ")
     parts = head.split(".")

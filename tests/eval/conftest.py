@@ -1,19 +1,7 @@
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
 
 from diffpress import Denoiser
-from diffpress.zoo.models import training_scheduler
-
-
-@pytest.fixture(scope="module")
-def tiny_digits_dit() -> Denoiser:
-    """An untrained class-conditional DiT with the digits shape (1x16x16, 10 classes): fast, and it
-    triggers the digits metrics (FD, conditional accuracy)."""
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
-                                  num_layers=1, sample_size=16, patch_size=4, num_embeds_ada_norm=10)
-    return Denoiser(model.eval(), scheduler_config=training_scheduler())
 
 
 @pytest.fixture
