@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -82,3 +83,140 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "diffpress.cli", "--help"], capture_output=True, text=True, check=True)
     for word in ("inspect", "sample", "eval", "zoo name"):
         assert word in out.stdout
+
+
+# -- diffpress run / export / recipes -------------------------------------------------------------------
+TINY_RUN = ["--no-progress", "--set", "calibration.samples=2", "--set", "calibration.steps=6",
+            "--set", "calibration.policy.count=3", "--set", "evaluation.samples=4", "--set", "evaluation.steps=6",
+            "--set", "evaluation.latency_repeats=1", "--set", "exports=[]",
+            "--set", "evaluation.metrics=[psnr, ssim, size]"]
+
+
+@pytest.fixture(scope="module")
+def ddim_pipeline(tmp_path_factory):
+    """diffusers' own DDIMPipeline around the zoo's digits-unet, with a DDIM scheduler whose timestep spacing
+    (trailing) differs from what a DDIM built from the zoo's DDPM config would use (leading)."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from diffpress import load
+
+    unet = load("digits-unet").model
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
+                          timestep_spacing="trailing")
+    path = tmp_path_factory.mktemp("pipe") / "digits-ddim"
+    DDIMPipeline(unet=unet, scheduler=sched).save_pretrained(path)
+    return path, sched
+
+
+def test_run_on_a_diffusers_pipeline_uses_its_scheduler(ddim_pipeline, tmp_path, capsys):
+    from diffpress import TimestepPolicy, load, sample
+    from diffpress.eval import Report
+
+    path, sched = ddim_pipeline
+    out = tmp_path / "run"
+    assert main(["run", "fast", "--model", str(path), "--out", str(out), *TINY_RUN]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    own = {"requested": "auto", "class": "DDIMScheduler", "from": "checkpoint"}
+    assert report["calibration"]["scheduler"] == own and report["evaluation"]["scheduler"] == own
+    sched.set_timesteps(6)
+    expected = [float(sched.timesteps[i]) for i in TimestepPolicy("uniform", count=3).select(6)]
+    assert report["calibration"]["timesteps"] == expected == [999.0, 666.0, 166.0]  # trailing spacing
+    assert report["model"]["architecture"] == "UNet2DModel" and report["model"]["source"] == str(path)
+    assert f"PSNR {report['headline']['psnr']:.2f} dB" in printed and f"wrote {out}" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "model", "recipe.yaml", "report.json", "report.md"]
+    reloaded = load(out / "model")
+    assert reloaded.scheduler_config["_class_name"] == "DDIMScheduler"
+    assert reloaded.scheduler_config["timestep_spacing"] == "trailing"
+    # the saved model reproduces the run's samples: its grid (reference / candidate / difference) comes out the same
+    kw = dict(num_samples=4, steps=6, scheduler=None, seed=0, progress=False)
+    grid = Report({}, sample(load(path), **kw).images, sample(reloaded, **kw).images).save_grid(tmp_path / "g.png")
+    assert (np.asarray(Image.open(grid)) == np.asarray(Image.open(out / "grid.png"))).all()
+
+    # existing output without --force: refused before any work, the earlier result untouched
+    before = (out / "report.json").read_bytes()
+    assert main(["run", "fast", "--model", str(path), "--out", str(out), *TINY_RUN]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (out / "report.json").read_bytes() == before
+
+    # a run's folder exports like a model folder (its model/ is used)
+    ts = tmp_path / "ts"
+    assert main(["export", str(out), "--format", "torchscript", "--out", str(ts)]) == 0
+    assert "compressed model" in capsys.readouterr().out
+    spec = json.loads((ts / "io_spec.json").read_text())
+    assert spec["verification"]["passed"] and spec["inputs"][0]["shape"] == [2, 1, 16, 16]
+
+
+def test_run_reuses_a_calibration_file(saved_models, tmp_path, capsys):
+    _, root = saved_models
+    cal = tmp_path / "cal.safetensors"
+    common = ["--model", str(root / "ref"), "--calibration", str(cal), *TINY_RUN]
+    assert main(["run", "fast", "--out", str(tmp_path / "a"), *common]) == 0
+    assert main(["run", "w4a8", "--out", str(tmp_path / "b"), "--set", "passes.0.reconstruct=null", *common]) == 0
+    a, b = (json.loads((tmp_path / n / "report.json").read_text()) for n in "ab")
+    assert a["calibration"]["source"] == f"collected, saved to {cal}"
+    assert b["calibration"]["source"] == f"loaded from {cal}" and b["passes"][0]["config"]["weights"] == "int4"
+    assert "calibrate" in b["timings_s"] and b["timings_s"]["calibrate"] < 1
+    # a calibration file of another model is refused with what to do
+    assert main(["run", "fast", "--model", "digits-unet", "--out", str(tmp_path / "c"), "--calibration", str(cal),
+                 *TINY_RUN]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model" in err and "another --calibration path" in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_run_rejects_bad_input_before_work(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(["run", "w9a9", "--out", out]) == 2
+    assert "unknown recipe 'w9a9'; built-in recipes: fast, w4a8, w8a8" in capsys.readouterr().err
+    assert main(["run", "fast", "--model", str(tmp_path / "missing"), "--out", out, "--no-progress"]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert main(["run", "fast", "--out", out, "--set", "passes.0.weghts=int4"]) == 2
+    assert "--set passes.0.weghts=int4: passes.0.weghts: unknown key (did you mean 'weights'?)" in capsys.readouterr().err
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("version: 1\npasses:\n  - pass: quantize\n    weights: 4\n")
+    assert main(["run", str(recipe), "--out", out]) == 2
+    assert f"error: {recipe}: passes.0.weights: expected str, got int 4" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_interrupted_leaves_no_output(saved_models, tmp_path, monkeypatch, capsys):
+    from diffpress.recipes import runner
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    _, root = saved_models
+    monkeypatch.setattr(runner, "evaluate", interrupt)
+    assert main(["run", "fast", "--model", str(root / "ref"), "--out", str(tmp_path / "out"), *TINY_RUN]) == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary folder beside it
+
+
+def test_export_onnx_of_a_model_folder(saved_models, tmp_path, capsys):
+    _, root = saved_models
+    out = tmp_path / "onnx"
+    assert main(["export", str(root / "ref"), "--format", "onnx", "--out", str(out), "--batch", "3"]) == 0
+    assert "uncompressed model" in capsys.readouterr().out
+    spec = json.loads((out / "io_spec.json").read_text())
+    assert spec["opset"] == 21 and spec["verification"]["passed"] and spec["dynamic_batch"]
+    assert main(["export", str(root / "ref"), "--format", "onnx", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["export", str(root / "ref"), "--format", "torchscript", "--opset", "18",
+                 "--out", str(tmp_path / "ts")]) == 2
+    assert "--opset applies to ONNX only" in capsys.readouterr().err
+
+
+def test_recipes_lists_and_resolves(capsys):
+    import yaml
+
+    from diffpress.recipes.schema import from_data, load_recipe
+
+    assert main(["recipes"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("w8a8", "w4a8", "fast"):
+        assert f"{name:<10} {load_recipe(name).description}" in listing
+    assert main(["recipes", "w4a8", "--set", "passes.0.group_size=32"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["passes"][0]["group_size"] == 32 and resolved["passes"][0]["weights"] == "int4"
+    assert from_data(resolved, "stdout") == load_recipe("w4a8", ["passes.0.group_size=32"])
