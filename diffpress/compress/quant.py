@@ -21,6 +21,7 @@ from diffpress.errors import DiffpressError
 RANGE_RULES = ("max", "percentile", "mse")
 QD = torch.ops.quantized_decomposed
 _PLAIN = [False]
+_STE = [False]
 
 
 @contextlib.contextmanager
@@ -32,6 +33,17 @@ def plain_arithmetic() -> Iterator[None]:
         yield
     finally:
         _PLAIN[0] = False
+
+
+@contextlib.contextmanager
+def straight_through() -> Iterator[None]:
+    """Fake quantization with a straight-through gradient (for learning the rounding in reconstruction):
+    forward values as usual, backward as if the quantizer were the identity inside its range."""
+    _STE[0] = True
+    try:
+        yield
+    finally:
+        _STE[0] = False
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -182,6 +194,11 @@ class ActQuant(nn.Module):
         idx = self.group_index()  # (1,), index_select keeps export free of data-dependent sizes
         scale = self.scale.index_select(0, idx).reshape(())
         zp = self.zero_point.index_select(0, idx).reshape(())
+        if _STE[0]:
+            zpf = zp.float()
+            q = torch.clamp(torch.round(x.detach() / scale) + zpf, self.qmin, self.qmax)
+            lo, hi = (self.qmin - zpf) * scale, (self.qmax - zpf) * scale
+            return torch.clamp(x, lo, hi) + ((q - zpf) * scale - torch.clamp(x, lo, hi)).detach()
         if _PLAIN[0]:
             zpf = zp.float()
             return (torch.clamp(torch.round(x / scale) + zpf, self.qmin, self.qmax) - zpf) * scale
@@ -212,8 +229,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_scale", scale)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
         self.act_in, self.act_out = act_in, act_out
+        self.rounding: nn.ModuleList | None = None  # set only while reconstruction learns the rounding
 
     def weight(self) -> torch.Tensor:
+        if self.rounding is not None:
+            return self.rounding[0]()
         return dequantize_weight(self.weight_q, self.weight_scale, self.group_size, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,12 +272,15 @@ class QuantConv2d(nn.Module):
         self.acts_out = nn.ModuleList(acts_out or [])
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
         self.kernel_size = layer.kernel_size
+        self.rounding: nn.ModuleList | None = None  # set only while reconstruction learns the rounding
 
     @property
     def parts(self) -> int:
         return 1 if self.split is None else 2
 
     def weight(self, part: int = 0) -> torch.Tensor:
+        if self.rounding is not None:
+            return self.rounding[part]()
         return dequantize_weight(getattr(self, f"weight_q{part}"), getattr(self, f"weight_scale{part}"),
                                  self.group_size, self.bits)
 

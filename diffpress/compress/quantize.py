@@ -18,7 +18,7 @@ from diffpress.calibration.dataset import CalibrationSet
 from diffpress.calibration.observers import observe
 from diffpress.compress.quant import (RANGE_RULES, ActQuant, QuantConv2d, QuantLinear, TimestepContext,
                                       act_qparams, aggregate_range, timestep_groups)
-from diffpress.compress.reconstruct import ReconstructConfig
+from diffpress.compress.reconstruct import ReconstructConfig, calibration_batches, correct_bias, reconstruct
 from diffpress.denoiser import Denoiser
 from diffpress.errors import DiffpressError
 from diffpress.graph import capture
@@ -55,6 +55,8 @@ class QuantizeConfig:
     skip_roles_weights: str | None = None
     batch_size: int = 32
     reconstruct: ReconstructConfig | None = None  # None: round to nearest (the fast path)
+    # move each layer's mean output error (measured on the calibration set) into its bias; cheap
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.reconstruct, dict):
@@ -90,9 +92,17 @@ class QuantizeReport:
     quantized: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    reconstruction: list[dict[str, Any]] = field(default_factory=list)  # one record per block, if reconstructed
+    bias_corrected: int = 0  # layers whose bias absorbed their mean output error
 
     def summary(self) -> str:
         lines = [f"quantized {len(self.quantized)} layers, {len(self.skipped)} left in float"]
+        if self.reconstruction:
+            learned = sum(r["result"] == "adaround" for r in self.reconstruction)
+            lines.append(f"reconstruction: learned rounding kept in {learned} of {len(self.reconstruction)} blocks")
+            lines += [f"  {r['block']}: {r['result']}" for r in self.reconstruction if r["result"] != "adaround"]
+        if self.bias_corrected:
+            lines.append(f"bias correction: {self.bias_corrected} layers")
         lines += [f"  float: {s['name']} ({s['reason']})" for s in self.skipped]
         return "\n".join(lines)
 
@@ -135,8 +145,11 @@ def quantize_(denoiser: Denoiser, config: QuantizeConfig | None = None,
     config = config or QuantizeConfig()
     if not isinstance(denoiser, Denoiser):
         raise DiffpressError("quantize_ takes a diffpress.Denoiser; wrap your module: Denoiser(module, sample_shape=...)")
-    if config.activations and calibration is None:
-        raise DiffpressError("activation quantization needs a calibration set: diffpress.calibrate(denoiser, ...)")
+    if (config.activations or config.reconstruct or config.bias_correction) and calibration is None:
+        raise DiffpressError("activation quantization, reconstruction and bias correction need a calibration "
+                             "set: diffpress.calibrate(denoiser, ...)")
+    # the float model the quantized layers are fitted to
+    reference = denoiser.copy() if (config.reconstruct or config.bias_correction) else None
     graph = capture(denoiser, batch=2)
     calls: dict[str, int] = {}
     for layer in graph.layers:
@@ -180,6 +193,15 @@ def quantize_(denoiser: Denoiser, config: QuantizeConfig | None = None,
         _set_submodule(denoiser, name, _build(module, spec, acts))
         report.quantized.append(spec)
     denoiser.timestep_context = context
+    if reference is not None:
+        names = {spec["name"] for spec in report.quantized}
+        order = list(dict.fromkeys(layer.name for layer in graph.layers if layer.name in names))
+        rc = config.reconstruct or ReconstructConfig()
+        data = calibration_batches(calibration, rc.samples, rc.batch_size)
+        if config.reconstruct:
+            report.reconstruction = reconstruct(denoiser, reference, order, data, rc, progress=progress)
+        if config.bias_correction:
+            report.bias_corrected = correct_bias(denoiser, reference, order, data, progress=progress)
     denoiser.compression.append({"pass": "quantize", "config": asdict(config), "layers": report.quantized})
     return report
 
