@@ -307,11 +307,11 @@ def _reconstruct_block(quantized, reference, block_name, names, data, context, c
         _detach(m, keep=True)
     after_each = _eval_losses(block, inputs, targets, context, data)
     after = sum(after_each) / len(after_each)
-    if after > before:  # never worse than round-to-nearest on the calibration data
+    if it == 0 or after > before:  # never worse than round-to-nearest on the calibration data
         for m, ints in zip(modules, nearest):
             for name, value in ints.items():
                 getattr(m, name).copy_(value)
-        result = "nearest (learned rounding was not better)"
+        result = "nearest (time budget spent)" if it == 0 else "nearest (learned rounding was not better)"
     else:
         result = "adaround"
     return {**record, "result": result, "iters": it, "seconds": round(time.monotonic() - t0, 2),
