@@ -157,7 +157,8 @@ def to_markdown(data: dict[str, Any], evaluation: Report) -> str:
                   f"Speedup {sp['speedup']:.2f}x. Integer kernels after ONNX Runtime's optimisation: "
                   + (", ".join(f"{k} x{v}" for k, v in sp["integer_kernels"].items()) or "none")]
     for p in data["passes"]:
-        lines += ["", f"## Pass: {p['pass']}", "", p["summary"].splitlines()[0] if p["summary"] else ""]
+        lines += ["", f"## Pass: {p['pass']}", ""]
+        lines += [f"    {ln}" for ln in p["summary"].splitlines() if not ln.strip().startswith("float:")]
         if p.get("skipped"):
             lines += ["", "| layer left in float | reason |", "|---|---|"]
             lines += [f"| `{s['name']}` | {s['reason']} |" for s in p["skipped"]]

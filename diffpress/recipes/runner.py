@@ -226,7 +226,8 @@ def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None 
 
     >>> import diffpress
     >>> tiny = ["calibration.samples=2", "calibration.steps=4", "calibration.policy.count=2",
-    ...         "evaluation.samples=4", "evaluation.steps=4", "evaluation.metrics=[psnr, ssim]", "exports=[]"]
+    ...         "evaluation.samples=4", "evaluation.steps=4", "evaluation.latency_repeats=1",
+    ...         "evaluation.metrics=[psnr, ssim]", "exports=[]"]
     >>> res = diffpress.run_recipe("fast", "digits-dit", overrides=tiny, progress=False)
     >>> res["passes"][0]["pass"], res["evaluation"]["settings"]["num_samples"], res["evaluation"]["fidelity"]["psnr_db"] > 20
     ('quantize', 4, True)
