@@ -29,9 +29,13 @@ SPEC_FORMAT = "diffpress.io_spec/1"
 
 
 # -- translations for the quantized_decomposed ops the stock exporter cannot take with tensor qparams -------------
-def _translations() -> dict:
+def _translations(opset: int) -> dict:
+    """Written with the target opset's onnxscript ops (an opset-21 ``Cast`` carries attributes that an
+    opset-18 runtime rejects)."""
+    import onnxscript.onnx_opset
     from onnxscript import ir
-    from onnxscript import opset21 as op
+
+    op = getattr(onnxscript.onnx_opset, f"opset{opset}")
 
     def q_per_tensor(input, scale, zero_point, quant_min: int, quant_max: int, dtype):
         return op.QuantizeLinear(input, op.Cast(scale, to=ir.DataType.FLOAT), op.Cast(zero_point, to=dtype))
@@ -187,7 +191,7 @@ def export_onnx(
                     program = torch.onnx.export(
                         _Exportable(denoiser), args, dynamo=True, opset_version=opset, input_names=names,
                         output_names=["out_sample"], dynamic_shapes=dynamic,
-                        custom_translation_table=_translations(), verbose=False)
+                        custom_translation_table=_translations(opset), verbose=False)
             except Exception as exc:  # noqa: BLE001 - report the exporter's failure in one line
                 raise DiffpressError(f"torch.onnx.export failed: {type(exc).__name__}: "
                                      f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc

@@ -82,3 +82,25 @@ def test_torchscript_round_trip_in_a_fresh_process(w8a8, tmp_path):
         "out = m(*d['args']); print(float((out - d['ref']).abs().max()))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(run.stdout.strip()) < 1e-5
+
+
+def test_tensorrt_style_export_symmetric_int8_constant_scales_at_opset_18(tmp_path, make_quant_unet):
+    """What TensorRT wants: signed int8 activations with zero point 0, constant Q/DQ scales, an older opset."""
+    den = make_quant_unet(8)
+    cs = collect(den, num_samples=4, steps=6, policy=TimestepPolicy("uniform", count=3), progress=False)
+    quantize_(den, QuantizeConfig(symmetric_activations=True), cs, progress=False)
+    res = export_onnx(den, tmp_path / "m", opset=18)
+    assert res.verification["passed"]
+    model = onnx.load(str(tmp_path / "m" / "model.onnx"))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 18
+    inits = {t.name: t for t in model.graph.initializer}
+    qnodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(qnodes) > 20
+    for n in qnodes:
+        scale, zp = inits[n.input[1]], inits[n.input[2]]  # constants, not computed in the graph
+        assert zp.data_type == onnx.TensorProto.INT8 and not onnx.numpy_helper.to_array(zp).any()
+        assert onnx.numpy_helper.to_array(scale).size == 1
+    with pytest.raises(Exception, match="int4 weights need opset >= 21"):
+        q4 = make_quant_unet(8)
+        quantize_(q4, QuantizeConfig(weights="int4", group_size=16, activations=None), progress=False)
+        export_onnx(q4, tmp_path / "m4", opset=18)
