@@ -4,7 +4,9 @@ Weights: int8 or int4, symmetric, per output channel or per group. Activations: 
 tensor, the range taken from per-timestep statistics by a named rule, or kept as K timestep groups
 picked at run time from ``t``. Layers whose input is a UNet skip-concat get one quantizer per part
 (Q-Diffusion's split). Which layers stay in float is decided by role (from the graph) and glob
-patterns, and every skipped layer is reported with its reason.
+patterns, and every skipped layer is reported with its reason. Optionally the rounding of the weights
+is learned block by block (``reconstruct``, BRECQ/AdaRound, see :mod:`diffpress.compress.reconstruct`)
+and each layer's mean output error is moved into its bias (``bias_correction``).
 """
 from __future__ import annotations
 
