@@ -176,7 +176,7 @@ def test_run_rejects_bad_input_before_work(tmp_path, capsys):
     recipe = tmp_path / "mine.yaml"
     recipe.write_text("version: 1\npasses:\n  - pass: quantize\n    weights: 4\n")
     assert main(["run", str(recipe), "--out", out]) == 2
-    assert f"error: {recipe}: passes.0.weights: expected str, got int 4" in capsys.readouterr().err
+    assert f"error: {recipe}: passes.0.weights: expected str, got int 4; allowed: int8, int4\n" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -154,11 +154,32 @@ def build(cls: type, data: Any, where: Where, extra_keys: tuple[str, ...] = ()) 
     for key, value in data.items():
         if key not in hints:
             raise unknown_key(where, key, [*extra_keys, *hints])
-        kwargs[key] = convert(value, hints[key], where / key)
+        try:
+            kwargs[key] = convert(value, hints[key], where / key)
+        except RecipeError as exc:
+            allowed = _allowed_values(cls, key) if exc.key == (where / key).key else None
+            if allowed is None or "allowed:" in exc.message:
+                raise
+            raise RecipeError(exc.source, exc.key, f"{exc.message}; allowed: {allowed}") from None
     try:
         return cls(**kwargs)
     except DiffpressError as exc:
         raise _located(str(exc), where, list(hints)) from None
+
+
+def _allowed_values(cls: type, key: str) -> str | None:
+    """The values the dataclass's own check allows for a text field, probed with a value no check accepts
+    (the dataclass stays the one place that knows them)."""
+    if not _accepts(fields_of(cls)[key], "\0"):
+        return None
+    try:
+        cls(**{key: "\0"})
+    except DiffpressError as exc:
+        text = str(exc)  # only a message about the probe itself names the field's values
+        return text.rpartition("allowed: ")[2] if repr("\0") in text and "allowed: " in text else None
+    except Exception:  # noqa: BLE001 - a check that cannot take text at all names no values
+        return None
+    return None
 
 
 def _located(message: str, where: Where, keys: list[str]) -> RecipeError:
