@@ -14,7 +14,7 @@ from pathlib import Path
 from diffpress.errors import DiffpressError
 
 EPILOG = """examples:
-  diffpress run w8a8                                  # compress the default model; writes diffpress-out/w8a8-digits-cond-unet
+  diffpress run w8a8                                  # the default model -> diffpress-out/w8a8-digits-cond-unet
   diffpress run w4a8 --model ./my-pipeline --set passes.0.group_size=32 --out w4a8-run
   diffpress recipes                                   # the built-in recipes
   diffpress inspect                                   # the default model, digits-cond-unet

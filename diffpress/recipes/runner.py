@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -193,8 +193,8 @@ def _check_reload(compressed: Denoiser, folder: Path) -> dict[str, Any]:
             a, b = compressed(x, torch.full((2,), t), c), reloaded(x, torch.full((2,), t), c)
             diffs.append(float((a - b).abs().max()))
             if not torch.equal(a, b):
-                raise DiffpressError(f"the saved model does not reproduce the compressed one (max |diff| {diffs[-1]:.3g} "
-                                     f"at t={t}); a pass's save/restore is broken: please report this")
+                raise DiffpressError(f"the saved model does not reproduce the compressed one (max |diff| "
+                                     f"{diffs[-1]:.3g} at t={t}); a pass's save/restore is broken: please report this")
     return {"identical": True, "timesteps": [999, 500, 1], "max_abs_diff": max(diffs)}
 
 
@@ -229,8 +229,10 @@ def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None 
     ...         "evaluation.samples=4", "evaluation.steps=4", "evaluation.latency_repeats=1",
     ...         "evaluation.metrics=[psnr, ssim]", "exports=[]"]
     >>> res = diffpress.run_recipe("fast", "digits-dit", overrides=tiny, progress=False)
-    >>> res["passes"][0]["pass"], res["evaluation"]["settings"]["num_samples"], res["evaluation"]["fidelity"]["psnr_db"] > 20
-    ('quantize', 4, True)
+    >>> res["passes"][0]["pass"], res["evaluation"]["settings"]["num_samples"]
+    ('quantize', 4)
+    >>> res["evaluation"]["fidelity"]["psnr_db"] > 20  # against the uncompressed model, same seeds
+    True
     """
     recipe = load_recipe(recipe, overrides)
     if out is not None:

@@ -3,8 +3,9 @@
 Every error names the source (a file, or the ``--set`` that caused it), the key path and what is allowed:
 
 >>> from diffpress.compress import QuantizeConfig
->>> build(QuantizeConfig, {"weights": "int4", "reconstruct": {"iters": 10}}, Where("r.yaml", ("passes", 0))).reconstruct.iters
-10
+>>> q = build(QuantizeConfig, {"weights": "int4", "reconstruct": {"iters": 10}}, Where("r.yaml", ("passes", 0)))
+>>> q.weights, q.reconstruct.iters
+('int4', 10)
 >>> build(QuantizeConfig, {"weghts": "int4"}, Where("r.yaml", ("passes", 0)))
 Traceback (most recent call last):
 ...
