@@ -321,21 +321,50 @@ def _reconstruct_block(quantized, reference, block_name, names, data, context, c
 
 def correct_bias(quantized: Denoiser, reference: Denoiser, layers: list[str], data: list[tuple],
                  progress: bool = True) -> int:
-    """Empirical bias correction (Nagel et al., 2019), layer by layer in execution order: move the mean
-    output error of each quantized layer (per output channel, over the calibration batches, inputs from
-    the quantized model so upstream errors are corrected too) into its bias. Rounding errors that
-    survive as a mean shift add up over the sampling steps, so removing them matters more for final
-    samples than for a single step. Layers without a bias are left alone. Returns the number corrected."""
-    done = 0
-    with eval_mode(quantized), eval_mode(reference):
-        for name in tqdm(layers, desc="bias correction", disable=not progress, leave=False):
-            module = quantized.get_submodule(name)
-            if getattr(module, "bias", None) is None:
-                continue
-            got = _capture(quantized, name, data, "output")
-            want = _capture(reference, name, data, "output")
-            dims = [d for d in range(got[0].dim()) if d != (1 if isinstance(module, QuantConv2d) else got[0].dim() - 1)]
-            err = sum((g - w).double().mean(dims) * len(g) for g, w in zip(got, want)) / sum(len(g) for g in got)
-            module.bias.data -= err.float()
-            done += 1
-    return done
+    """Empirical bias correction (Nagel et al., 2019): move the mean output error of each quantized layer
+    (per output channel, over the calibration batches) into its bias. Rounding errors that survive as a
+    mean shift add up over the sampling steps, so removing them matters more for final samples than for
+    a single step. Layers without a bias are left alone. Returns the number of corrected layers.
+
+    Layers are corrected one at a time in execution order, each measured with inputs from the quantized
+    model after the layers above it were corrected, so upstream errors are corrected too (correcting all
+    at once overshoots: a shift fixed upstream is fixed again below). The full-precision means are
+    measured in one pass.
+    """
+    targets = [name for name in layers if getattr(quantized.get_submodule(name), "bias", None) is not None]
+    want = _channel_means(reference, targets, data)
+    for name in tqdm([n for n in targets if n in want], desc="bias correction", disable=not progress, leave=False):
+        got = _channel_means(quantized, [name], data, stop=True)
+        quantized.get_submodule(name).bias.data -= (got[name] - want[name]).float()
+    return len(want)
+
+
+def _channel_means(model: Denoiser, names: list[str], data: list[tuple], stop: bool = False
+                   ) -> dict[str, torch.Tensor]:
+    """Per-output-channel mean of each named layer's output over ``data`` (channels: dim 1 of a conv's
+    output, the last dim of a linear's). ``stop``: end each forward pass at the (single) named layer."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str):
+        def fn(module, args, out):
+            dim = 1 if isinstance(module, (nn.Conv2d, QuantConv2d)) else out.dim() - 1
+            flat = out.detach().double().movedim(dim, -1).reshape(-1, out.shape[dim])
+            sums[name] = sums.get(name, 0) + flat.sum(0)
+            counts[name] = counts.get(name, 0) + len(flat)
+            if stop:
+                raise _Stop
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        with eval_mode(model), torch.no_grad():
+            for x, t, cond in data:
+                try:
+                    model(x, t, cond)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: sums[n] / counts[n] for n in names if n in sums}
