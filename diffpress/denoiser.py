@@ -259,7 +259,7 @@ class Denoiser(nn.Module):
         """
         import diffusers
 
-        from diffpress._io import atomic_dir
+        from diffpress._io import _umask, atomic_dir
 
         if self.kind == "module":
             raise DiffpressError(
@@ -273,6 +273,7 @@ class Denoiser(nn.Module):
                 self.model.save_config(tmp / key)
                 state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
                 save_file(state, str(tmp / "compressed.safetensors"))
+                (tmp / "compressed.safetensors").chmod(0o666 & ~_umask())  # safetensors writes 0600
                 (tmp / "diffpress.json").write_text(json.dumps(
                     {"format": COMPRESSED_FORMAT, "passes": self.compression}, indent=2) + "\n")
             else:

@@ -79,6 +79,17 @@ def _retype_int4(path: Path) -> int:
     return n
 
 
+def _strip_metadata(model) -> None:
+    """Drop the exporter's per-node debugging metadata (stack traces, module paths, class hierarchies):
+    on small quantized models it outweighs the int8 weights."""
+    for node in model.graph.all_nodes():
+        node.metadata_props.clear()
+        for value in node.outputs:
+            value.metadata_props.clear()
+    for value in [*model.graph.inputs, *model.graph.initializers.values()]:
+        value.metadata_props.clear()
+
+
 def _has_external(path: Path) -> bool:
     return (path.parent / (path.name + ".data")).exists()
 
@@ -195,6 +206,7 @@ def export_onnx(
             except Exception as exc:  # noqa: BLE001 - report the exporter's failure in one line
                 raise DiffpressError(f"torch.onnx.export failed: {type(exc).__name__}: "
                                      f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        _strip_metadata(program.model)
         program.save(str(path), external_data=sum(p.numel() for p in denoiser.parameters()) > 100_000_000)
         int4_count = _retype_int4(path) if int4 else 0
         model = onnx.load(str(path), load_external_data=False)

@@ -1,3 +1,6 @@
+import os
+import stat
+
 import pytest
 import torch
 import diffpress
@@ -59,6 +62,9 @@ def test_save_and_reload_reproduce_outputs_exactly(setup, tmp_path):
     q = den.copy()
     quantize_(q, QuantizeConfig(weights="int4", group_size=16, timestep_groups=3), cs, progress=False)
     q.save_pretrained(tmp_path / "q")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "q" / "compressed.safetensors").stat().st_mode) == 0o666 & ~mask
     r = diffpress.load(tmp_path / "q")
     for i in (0, len(cs) - 4):
         x, t, c = cs.x[i:i + 4], cs.t[i:i + 4], cs.cond[i:i + 4]

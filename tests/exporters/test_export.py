@@ -50,6 +50,7 @@ def test_w8a8_export_has_qdq_and_runs_on_integer_kernels(w8a8):
     model = onnx.load(str(out / "model.onnx"))
     int8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
     assert len(int8) >= 20  # weights are stored as int8
+    assert not any(n.metadata_props for n in model.graph.node)  # exporter debug metadata stripped
 
 
 def test_int4_linear_weights_become_int4_and_matmulnbits(tmp_path):
