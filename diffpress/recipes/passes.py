@@ -64,8 +64,8 @@ def _quantize(denoiser: Denoiser, config: QuantizeConfig, calibration: Calibrati
 
 register_pass(PassSpec(
     "quantize", QuantizeConfig, _quantize, restore_quantize, after=("prune", "lowrank"), once=True,
-    # ranges come from calibration, and reconstruction learns the rounding on it; weight-only RTN needs none
-    needs_calibration=lambda c: c.activations is not None or c.reconstruct is not None,
+    # ranges come from calibration, reconstruction and bias correction fit to it; weight-only RTN needs none
+    needs_calibration=lambda c: c.activations is not None or c.reconstruct is not None or c.bias_correction,
     description="timestep-aware post-training quantization (int8 / int4 weights, int8 activations)"))
 
 
