@@ -203,8 +203,15 @@ def _capture(model: Denoiser, block: str, data: list[tuple], what: str) -> list[
         found.append(_first_tensor(out).detach())
         raise _Stop
 
-    handle = (module.register_forward_pre_hook(pre, with_kwargs=True) if what == "inputs"
-              else module.register_forward_hook(post, with_kwargs=True))
+    _run_hooked(model, data, [module.register_forward_pre_hook(pre, with_kwargs=True) if what == "inputs"
+                              else module.register_forward_hook(post, with_kwargs=True)])
+    if len(found) != len(data):
+        raise DiffpressError(f"block {block} ran {len(found)} times on {len(data)} batches")
+    return found
+
+
+def _run_hooked(model: Denoiser, data: list[tuple], handles: list) -> None:
+    """Run ``model`` on each batch (a hook may end a pass early with ``_Stop``), then remove ``handles``."""
     try:
         with torch.no_grad():
             for x, t, cond in data:
@@ -213,10 +220,8 @@ def _capture(model: Denoiser, block: str, data: list[tuple], what: str) -> list[
                 except _Stop:
                     pass
     finally:
-        handle.remove()
-    if len(found) != len(data):
-        raise DiffpressError(f"block {block} ran {len(found)} times on {len(data)} batches")
-    return found
+        for h in handles:
+            h.remove()
 
 
 def calibration_batches(calibration: CalibrationSet, samples: int, batch_size: int) -> list[tuple]:
@@ -356,15 +361,6 @@ def _channel_means(model: Denoiser, names: list[str], data: list[tuple], stop: b
                 raise _Stop
         return fn
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        with eval_mode(model), torch.no_grad():
-            for x, t, cond in data:
-                try:
-                    model(x, t, cond)
-                except _Stop:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
+    with eval_mode(model):
+        _run_hooked(model, data, [model.get_submodule(n).register_forward_hook(hook(n)) for n in names])
     return {n: sums[n] / counts[n] for n in names if n in sums}
