@@ -11,7 +11,7 @@ and each layer's mean output error is moved into its bias (``bias_correction``).
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from torch import nn
@@ -57,12 +57,20 @@ class QuantizeConfig:
     skip_roles_weights: str | None = None
     batch_size: int = 32
     reconstruct: ReconstructConfig | None = None  # None: round to nearest (the fast path)
-    # move each layer's mean output error (measured on the calibration set) into its bias; cheap
+    # move each layer's mean output error (measured on up to reconstruct.samples calibration points, 256 by
+    # default) into its bias; costs one forward pass per corrected layer over those points
     bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.reconstruct, dict):
+            allowed = [f.name for f in fields(ReconstructConfig)]
+            unknown = sorted(set(self.reconstruct) - set(allowed))
+            if unknown:
+                raise DiffpressError(f"reconstruct.{unknown[0]}: unknown key; allowed: {', '.join(allowed)}")
             self.reconstruct = ReconstructConfig(**self.reconstruct)
+        elif self.reconstruct is not None and not isinstance(self.reconstruct, ReconstructConfig):
+            raise DiffpressError(f"reconstruct: expected a ReconstructConfig, a mapping of its fields or null "
+                                 f"(off), got {self.reconstruct!r}")
         _allowed("weights", self.weights, ("int8", "int4"))
         _allowed("activations", self.activations, ("int8", None))
         _allowed("act_rule", self.act_rule, RANGE_RULES)

@@ -55,6 +55,18 @@ class ReconstructConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for key in ("iters", "samples", "batch_size", "seed"):
+            if not isinstance(getattr(self, key), int) or isinstance(getattr(self, key), bool):
+                raise DiffpressError(f"reconstruct.{key}: expected an integer, got {getattr(self, key)!r}")
+        for key in ("lr", "round_weight", "warmup", "time_budget"):
+            value = getattr(self, key)
+            if not (value is None and key == "time_budget") and (
+                    not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
+                raise DiffpressError(f"reconstruct.{key}: expected a finite number, got {value!r}")
+        if self.lr <= 0 or self.round_weight < 0:
+            raise DiffpressError(f"reconstruct: lr must be > 0 and round_weight >= 0, got {self.lr}, {self.round_weight}")
+        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in self.beta):
+            raise DiffpressError(f"reconstruct.beta: must be two positive numbers [start, end], got {list(self.beta)}")
         self.beta = tuple(float(b) for b in self.beta)
         if self.granularity not in ("block", "layer"):
             raise DiffpressError(f"reconstruct.granularity: {self.granularity!r} is not allowed; allowed: block, layer")
@@ -225,12 +237,14 @@ def _run_hooked(model: Denoiser, data: list[tuple], handles: list) -> None:
 
 
 def calibration_batches(calibration: CalibrationSet, samples: int, batch_size: int) -> list[tuple]:
-    """About ``samples`` points spread over every timestep of the set, in single-timestep batches."""
+    """About ``samples`` points spread over every timestep of the set, in single-timestep batches: an even
+    stride through each batch, so every trajectory (and label) is represented; copies, so a lazily
+    loaded set is not kept in memory whole."""
     keep = min(1.0, samples / len(calibration))
     out = []
     for x, t, cond in calibration.batches(batch_size):
-        n = max(1, math.ceil(len(x) * keep))
-        out.append((x[:n], t[:n], None if cond is None else cond[:n]))
+        idx = torch.linspace(0, len(x) - 1, max(1, math.ceil(len(x) * keep))).round().long().unique()
+        out.append((x[idx].clone(), t[idx].clone(), None if cond is None else cond[idx].clone()))
     return out
 
 
@@ -283,13 +297,38 @@ def _reconstruct_block(quantized, reference, block_name, names, data, context, c
     targets = _capture(reference, block_name, data, "output")
     block = quantized.get_submodule(block_name)
     modules = [quantized.get_submodule(n) for n in names]
-    base = _eval_losses(block, inputs, targets, context, data)  # round-to-nearest
-    before = sum(base) / len(base)
-    # each calibration batch (one timestep) counts relative to its round-to-nearest error: without this
-    # the low-noise steps, whose errors are largest, dominate and the high-noise steps get worse
-    weights = [1.0 / max(b, 1e-12) for b in base]
+    base = _eval_losses(block, inputs, targets, context, data)  # round-to-nearest, per batch
+    # each calibration batch (one timestep) counts relative to its round-to-nearest error (scaled so the
+    # mean weight is 1, which keeps the regulariser's balance): without this the low-noise steps, whose
+    # errors are largest, dominate and the high-noise steps get worse
+    mean_base = sum(base) / len(base)
+    weights = [mean_base / max(b, 1e-12) for b in base]
     nearest = [{n: b.clone() for n, b in m.named_buffers() if n.startswith("weight_q")} for m in modules]
-    roundings = [ar for m, n in zip(modules, names) for ar in _attach(m, reference.get_submodule(n))]
+    done = False
+    try:
+        roundings = [ar for m, n in zip(modules, names) for ar in _attach(m, reference.get_submodule(n))]
+        it = _train(block, roundings, inputs, targets, context, data, weights, config, seconds, gen, t0)
+        for m in modules:
+            _detach(m, keep=True)
+        after = _eval_losses(block, inputs, targets, context, data)
+        # accept on the objective that was optimised: the timestep-weighted error
+        score = sum(w * a for w, a in zip(weights, after)) / len(after)
+        done = it > 0 and score <= mean_base
+    finally:
+        for m, ints in zip(modules, nearest):
+            if m.rounding is not None:
+                _detach(m, keep=False)  # interrupted: drop the learning state
+            if not done:  # never worse than round-to-nearest on the calibration data
+                for name, value in ints.items():
+                    getattr(m, name).copy_(value)
+    result = "adaround" if done else ("nearest (time budget spent)" if it == 0 else
+                                      "nearest (learned rounding was not better)")
+    return {**record, "result": result, "iters": it, "seconds": round(time.monotonic() - t0, 2),
+            "loss_nearest": mean_base, "loss_learned": score, "loss": "timestep-weighted block output MSE"}
+
+
+def _train(block, roundings, inputs, targets, context, data, weights, config, seconds, gen, t0) -> int:
+    """Adam on the rounding variables until ``config.iters`` steps or ``seconds``; returns the steps taken."""
     opt = torch.optim.Adam([ar.v for ar in roundings], lr=config.lr)
     b_start, b_end = config.beta
     it = 0
@@ -308,20 +347,7 @@ def _reconstruct_block(quantized, reference, block_name, names, data, context, c
             loss.backward()
             opt.step()
             it += 1
-    for m in modules:
-        _detach(m, keep=True)
-    after_each = _eval_losses(block, inputs, targets, context, data)
-    after = sum(after_each) / len(after_each)
-    if it == 0 or after > before:  # never worse than round-to-nearest on the calibration data
-        for m, ints in zip(modules, nearest):
-            for name, value in ints.items():
-                getattr(m, name).copy_(value)
-        result = "nearest (time budget spent)" if it == 0 else "nearest (learned rounding was not better)"
-    else:
-        result = "adaround"
-    return {**record, "result": result, "iters": it, "seconds": round(time.monotonic() - t0, 2),
-            "loss_nearest": before, "loss_learned": after}
-
+    return it
 
 
 def correct_bias(quantized: Denoiser, reference: Denoiser, layers: list[str], data: list[tuple],
