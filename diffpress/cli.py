@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffpress: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("diffpress: interrupted; nothing was written", file=sys.stderr)
+        # outputs are written atomically; only a calibration file named by --calibration is kept once saved
+        print("diffpress: interrupted; the output folder was not written", file=sys.stderr)
         return 130
     return 0
 

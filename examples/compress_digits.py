@@ -3,8 +3,8 @@ policy, quantize (W8A8), evaluate against the original on the same seeds, save, 
 
     python examples/compress_digits.py [--model digits-cond-unet] [--out digits-w8a8] [--force]
 
-About a minute on a 2-core CPU with the defaults. ``diffpress run fast`` does the same from a recipe;
-this script shows the verbs it is made of.
+About a minute on a 2-core CPU with the defaults. ``diffpress run fast`` runs a similar flow from a recipe
+(uniform policy, one timestep group); this script shows the verbs it is made of.
 """
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     progress = not args.no_progress
+    taken = [str(args.out / sub) for sub in ("eval", "model", "onnx") if (args.out / sub).exists()]
+    if taken and not args.force:  # check before minutes of work, not after
+        p.error(f"{', '.join(taken)} already exist(s); pass --force to replace")
 
     den = diffpress.load(args.model)
     # PTQ4DM-style policy: steps drawn around 40 % of the trajectory, where most of the image forms,

@@ -189,7 +189,7 @@ def test_run_interrupted_leaves_no_output(saved_models, tmp_path, monkeypatch, c
     _, root = saved_models
     monkeypatch.setattr(runner, "evaluate", interrupt)
     assert main(["run", "fast", "--model", str(root / "ref"), "--out", str(tmp_path / "out"), *TINY_RUN]) == 130
-    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert "interrupted; the output folder was not written" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary folder beside it
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import re
 import sys
 import tempfile
 import time
@@ -159,15 +160,18 @@ def _export(fmt: str, compressed: Denoiser, folder: Path, cfg) -> dict[str, Any]
             "note": "TorchScript is deprecated upstream; the traced graph computes the fake-quant simulation"}
 
 
-def ort_speed(reference: Denoiser, compressed_onnx: Path, work: Path, ev: EvaluationConfig, opset: int) -> dict:
-    """ONNX Runtime latency of ``compressed_onnx`` against an fp32 ONNX export of ``reference``, side by side."""
+def ort_speed(reference: Denoiser, compressed_onnx: Path, work: Path, ev: EvaluationConfig, opset: int,
+              batch: int | None = None) -> dict:
+    """ONNX Runtime latency of ``compressed_onnx`` against an fp32 ONNX export of ``reference``, side by side,
+    at ``batch`` (default ``ev.ort_batch``; a static-batch export runs at its own batch only)."""
+    batch = ev.ort_batch if batch is None else batch
     import onnxruntime
 
     from diffpress.exporters import export_onnx
     from diffpress.exporters.onnx import example_feed, ort_session
 
     export_onnx(reference, work / "fp32-onnx", opset=opset)
-    feeds = example_feed(reference, ev.ort_batch, seed=5)
+    feeds = example_feed(reference, batch, seed=5)
     paths = {"fp32": work / "fp32-onnx" / "model.onnx", "compressed": compressed_onnx}
     calls = {}
     for key, path in paths.items():
@@ -176,7 +180,7 @@ def ort_speed(reference: Denoiser, compressed_onnx: Path, work: Path, ev: Evalua
         calls[key] = (lambda s=sess, f=inputs: s.run(None, f))
     med = latency_side_by_side(calls, repeats=ev.ort_repeats, warmup=3)
     return {"runtime": f"onnxruntime {onnxruntime.__version__} CPU", "threads": ev.ort_threads or "all cores",
-            "batch": ev.ort_batch, "repeats": ev.ort_repeats, "fp32_ms": med["fp32"] * 1e3,
+            "batch": batch, "repeats": ev.ort_repeats, "fp32_ms": med["fp32"] * 1e3,
             "compressed_ms": med["compressed"] * 1e3, "speedup": med["fp32"] / med["compressed"],
             "fp32_onnx_bytes": run_report.folder_bytes(work / "fp32-onnx")}
 
@@ -210,7 +214,9 @@ def default_out(recipe_name: str, model: str | Path | None) -> Path:
     """``diffpress-out/<recipe>-<model>`` in the current folder (the model's zoo name or folder name)."""
     from diffpress.zoo import DEFAULT_MODEL
 
-    return Path("diffpress-out") / f"{recipe_name}-{Path(str(model or DEFAULT_MODEL)).name}"
+    # the recipe's name can come from a user's YAML: keep it to one plain path component
+    label = re.sub(r"[^A-Za-z0-9._-]", "_", f"{recipe_name}-{Path(str(model or DEFAULT_MODEL)).name}").lstrip(".")
+    return Path("diffpress-out") / (label or "run")
 
 
 def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None = None, out: str | Path | None = None,
@@ -282,7 +288,8 @@ def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None 
         if measure_ort:
             with stages("ort speed", f"fp32 ONNX vs {recipe.name} ONNX, {ev.ort_repeats} interleaved repeats"), \
                     tempfile.TemporaryDirectory(prefix="diffpress-fp32-") as work:
-                speed = ort_speed(reference, tmp / "onnx" / "model.onnx", Path(work), ev, onnx_cfg.opset)
+                speed = ort_speed(reference, tmp / "onnx" / "model.onnx", Path(work), ev, onnx_cfg.opset,
+                                  batch=None if onnx_cfg.dynamic_batch else onnx_cfg.batch)
         def report(reload_check: dict | None = None) -> dict[str, Any]:
             return run_report.build(
                 recipe=recipe, model=label, reference=reference, compressed=compressed, calibration=cs,

@@ -65,6 +65,8 @@ def type_name(tp: Any) -> str:
             return "[" + ", ".join(type_name(a) for a in args) + "]"
         return "list"
     if dataclasses.is_dataclass(tp):
+        if hasattr(tp, "from_recipe"):  # a pass entry: its keys depend on the pass it names
+            return "a section (a mapping with key 'pass' and that pass's config fields)"
         return f"a section (a mapping with keys {', '.join(fields_of(tp))})"
     if tp is type(None):
         return "null"

@@ -144,3 +144,69 @@ def test_reconstruction_config_errors(setup):
         ReconstructConfig(granularity="model")
     with pytest.raises(DiffpressError, match="iters: must be >= 1"):
         QuantizeConfig(reconstruct={"iters": 0})
+
+
+def _weight_ints(model, names):
+    return {f"{n}.{k}": b.clone() for n in names for k, b in model.get_submodule(n).named_buffers()
+            if k.startswith("weight_q")}
+
+
+def test_a_block_whose_learned_rounding_is_worse_keeps_nearest_exactly(setup):
+    den, cs = setup
+    near = den.copy()
+    report_near = quantize_(near, QuantizeConfig(weights="int4"), cs, progress=False)
+    names = [s["name"] for s in report_near.quantized]
+    q = den.copy()
+    # a huge step size throws every rounding variable far up or down: random rounding, worse than nearest
+    report = quantize_(q, QuantizeConfig(weights="int4", reconstruct=ReconstructConfig(
+        iters=3, lr=1e3, warmup=0.0, time_budget=None)), cs, progress=False)
+    reverted = [r for r in report.reconstruction if r["result"] == "nearest (learned rounding was not better)"]
+    assert reverted and all(r["loss_learned"] > r["loss_nearest"] for r in reverted)
+    got, want = _weight_ints(q, names), _weight_ints(near, names)
+    blocks = dict(find_blocks(names, q))
+    for r in reverted:
+        for layer in blocks[r["block"]]:
+            for key in [k for k in want if k.startswith(layer + ".weight_q")]:
+                assert torch.equal(got[key], want[key])
+
+
+def test_an_interrupted_reconstruction_leaves_a_clean_nearest_model(setup, monkeypatch):
+    den, cs = setup
+    near = den.copy()
+    names = [s["name"] for s in quantize_(near, QuantizeConfig(weights="int4"), cs, progress=False).quantized]
+    calls = []
+
+    def interrupt(self, beta):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return AdaRound.__dict__["_reg"](self, beta)
+
+    monkeypatch.setattr(AdaRound, "_reg", AdaRound.regularizer, raising=False)
+    monkeypatch.setattr(AdaRound, "regularizer", interrupt)
+    q = den.copy()
+    with pytest.raises(KeyboardInterrupt):
+        quantize_(q, QuantizeConfig(weights="int4", reconstruct=ReconstructConfig(iters=20, warmup=0.0,
+                                                                                   time_budget=None)), cs,
+                  progress=False)
+    assert all(getattr(m, "rounding", None) is None for m in q.modules())
+    assert not any("rounding" in k for k in q.state_dict())
+    # the block that was being learned went back to round-to-nearest (earlier blocks may keep what they learned)
+    first_block_layers = find_blocks(names, q)[0][1]
+    got, want = _weight_ints(q, first_block_layers), _weight_ints(near, first_block_layers)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_group_wise_int4_with_timestep_groups_reconstructs(setup):
+    den, cs = setup
+    q = den.copy()
+    report = quantize_(q, QuantizeConfig(weights="int4", group_size=16, timestep_groups=2, bias_correction=True,
+                                         reconstruct=ReconstructConfig(iters=10, time_budget=None)), cs, progress=False)
+    assert any(r["result"] == "adaround" for r in report.reconstruction)
+    for spec in report.quantized:
+        for key, buf in q.get_submodule(spec["name"]).named_buffers():
+            if key.startswith("weight_q"):
+                assert buf.abs().max() <= 7
+    x, t, c = cs.x[:4], cs.t[:4], cs.cond[:4]
+    rel = float(((q(x, t, c) - den(x, t, c)).pow(2).mean() / den(x, t, c).pow(2).mean()).detach())
+    assert rel < 0.1

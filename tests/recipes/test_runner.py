@@ -1,5 +1,6 @@
 """run_recipe end to end on a tiny digits-shaped DiT: outputs, figures, reload, calibration reuse, interruption."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,21 @@ def test_samplers_resolve_against_the_checkpoint(tiny_digits_dit):
     assert runner.resolve_sampler(dpm, "auto") == (None, {"requested": "auto", "class": "DPMSolverMultistepScheduler",
                                                           "from": "checkpoint"})
     assert load_recipe("fast").calibration.sampler == "auto"
+
+
+def test_ort_speed_runs_a_static_batch_export_at_its_own_batch(tiny_digits_dit, tmp_path):
+    from diffpress.exporters import export_onnx
+    from diffpress.recipes.runner import ort_speed
+    from diffpress.recipes.schema import EvaluationConfig
+
+    export_onnx(tiny_digits_dit, tmp_path / "static", batch=2, dynamic_batch=False)
+    speed = ort_speed(tiny_digits_dit, tmp_path / "static" / "model.onnx", tmp_path / "work",
+                      EvaluationConfig(ort_repeats=2), opset=21, batch=2)
+    assert speed["batch"] == 2 and speed["fp32_ms"] > 0 and speed["compressed_ms"] > 0
+
+
+def test_default_output_folder_is_one_plain_path_component():
+    from diffpress.recipes.runner import default_out
+
+    assert default_out("../../etc/x", "digits-cond-unet") == Path("diffpress-out/_.._etc_x-digits-cond-unet")
+    assert default_out("w8a8", "/models/my unet") == Path("diffpress-out/w8a8-my_unet")
