@@ -11,8 +11,10 @@ transformer block); layers outside any such list are reconstructed alone.
 The block's input comes from the quantized model (so a block also corrects the errors of the blocks
 before it) and its target from the full-precision model on the same calibration point. A block whose
 learned rounding does not beat round-to-nearest on the calibration data keeps round-to-nearest, and a
-time budget bounds the whole step: blocks it does not reach keep round-to-nearest and are reported.
-Only the integer weights change, so saving, reloading and export are unaffected.
+time budget bounds the step: blocks it does not reach keep round-to-nearest and are reported.
+Only the integer weights change, so saving, reloading and export are unaffected. The budget bounds
+the learning: each remaining block gets an equal share of what is left, measured from the start of its
+data capture; the final check of a block can run a little past it, and bias correction is not counted.
 """
 from __future__ import annotations
 
@@ -183,13 +185,15 @@ class _Stop(Exception):
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
+    kind = type(out).__name__
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
-    raise DiffpressError(f"cannot reconstruct a block that returns {type(out).__name__}")
+    raise DiffpressError(f"cannot reconstruct a block that returns {kind} (a tensor, or a tuple / mapping whose "
+                         "first value is a tensor, is needed); use ReconstructConfig(granularity='layer')")
 
 
 def _detached(value: Any) -> Any:
@@ -218,7 +222,8 @@ def _capture(model: Denoiser, block: str, data: list[tuple], what: str) -> list[
     _run_hooked(model, data, [module.register_forward_pre_hook(pre, with_kwargs=True) if what == "inputs"
                               else module.register_forward_hook(post, with_kwargs=True)])
     if len(found) != len(data):
-        raise DiffpressError(f"block {block} ran {len(found)} times on {len(data)} batches")
+        raise DiffpressError(f"block {block} ran {len(found)} times on {len(data)} batches (a block must run once "
+                             "per denoiser call); use ReconstructConfig(granularity='layer')")
     return found
 
 

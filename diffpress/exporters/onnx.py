@@ -151,6 +151,14 @@ def ort_session(path: str | Path, threads: int = 0, optimized_path: str | Path |
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def supported_opsets() -> range:
+    """The ONNX opsets ``export_onnx`` can target: 18 (the dynamo exporter's oldest) to onnxscript's newest."""
+    import onnxscript.onnx_opset
+
+    newest = max(int(n[len("opset"):]) for n in dir(onnxscript.onnx_opset) if n[len("opset"):].isdigit())
+    return range(18, newest + 1)
+
+
 def export_onnx(
     denoiser: Denoiser,
     out_dir: str | Path,
@@ -179,8 +187,9 @@ def export_onnx(
     """
     import onnx
 
-    if opset < 18:
-        raise DiffpressError(f"opset {opset} is too old: torch.onnx's dynamo exporter needs >= 18 (default 21)")
+    if opset not in supported_opsets():
+        raise DiffpressError(f"opset {opset} is not supported: torch.onnx's dynamo exporter needs >= 18 and this "
+                             f"onnxscript knows up to {supported_opsets()[-1]} (default 21)")
     quantized = bool(denoiser.compression)
     int4 = any(layer.get("weight_bits") == 4 for rec in denoiser.compression for layer in rec.get("layers", []))
     if int4 and opset < 21:

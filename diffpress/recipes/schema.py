@@ -119,9 +119,12 @@ class ExportConfig:
         if self.format == "onnx":
             self.opset = 21 if self.opset is None else self.opset
             self.dynamic_batch = True if self.dynamic_batch is None else self.dynamic_batch
-            if self.opset < 18:
-                raise DiffpressError(f"opset: {self.opset} is too old; allowed: 18 or newer (torch.onnx's dynamo "
-                                     "exporter), 21 for int4 weights")
+            from diffpress.exporters.onnx import supported_opsets
+
+            ok = supported_opsets()
+            if self.opset not in ok:
+                raise DiffpressError(f"opset: {self.opset} is not allowed; allowed: {ok[0]} to {ok[-1]} (torch.onnx's "
+                                     "dynamo exporter and this onnxscript), 21 or newer for int4 weights")
         else:
             if self.opset is not None:
                 raise DiffpressError("opset: TorchScript has no opset; remove the key or set it to null")
