@@ -22,7 +22,7 @@ from diffpress.compress.quant import (RANGE_RULES, ActQuant, QuantConv2d, QuantL
                                       act_qparams, aggregate_range, timestep_groups)
 from diffpress.compress.reconstruct import ReconstructConfig, calibration_batches, correct_bias, reconstruct
 from diffpress.denoiser import Denoiser
-from diffpress.errors import DiffpressError
+from diffpress.errors import DiffpressError, check_allowed
 from diffpress.graph import capture
 
 ROLES = ("time_embedding", "cond_projection", "first", "last", "attn_q", "attn_k", "attn_v", "attn_out",
@@ -71,12 +71,12 @@ class QuantizeConfig:
         elif self.reconstruct is not None and not isinstance(self.reconstruct, ReconstructConfig):
             raise DiffpressError(f"reconstruct: expected a ReconstructConfig, a mapping of its fields or null "
                                  f"(off), got {self.reconstruct!r}")
-        _allowed("weights", self.weights, ("int8", "int4"))
-        _allowed("activations", self.activations, ("int8", None))
-        _allowed("act_rule", self.act_rule, RANGE_RULES)
+        check_allowed("weights", self.weights, ("int8", "int4"))
+        check_allowed("activations", self.activations, ("int8", None))
+        check_allowed("act_rule", self.act_rule, RANGE_RULES)
         for r in self.skip_roles:
-            _allowed("skip_roles", r, ROLES)
-        _allowed("skip_roles_weights", self.skip_roles_weights, ("int8", None))
+            check_allowed("skip_roles", r, ROLES)
+        check_allowed("skip_roles_weights", self.skip_roles_weights, ("int8", None))
         if self.group_size is not None and self.group_size < 1:
             raise DiffpressError(f"group_size: must be a positive integer or null, got {self.group_size}")
         if self.timestep_groups < 1:
@@ -87,12 +87,6 @@ class QuantizeConfig:
     @property
     def weight_bits(self) -> int:
         return int(self.weights[3:])
-
-
-def _allowed(key: str, value: Any, allowed) -> None:
-    if value not in allowed:
-        names = ", ".join("null" if a is None else str(a) for a in allowed)
-        raise DiffpressError(f"{key}: {value!r} is not allowed; allowed: {names}")
 
 
 @dataclass

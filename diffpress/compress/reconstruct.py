@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from diffpress.calibration.dataset import CalibrationSet
 from diffpress.compress.quant import QuantConv2d, QuantLinear, straight_through
 from diffpress.denoiser import Denoiser, eval_mode
-from diffpress.errors import DiffpressError
+from diffpress.errors import DiffpressError, check_allowed, check_at_least
 
 
 @dataclass
@@ -70,11 +70,8 @@ class ReconstructConfig:
         if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in self.beta):
             raise DiffpressError(f"reconstruct.beta: must be two positive numbers [start, end], got {list(self.beta)}")
         self.beta = tuple(float(b) for b in self.beta)
-        if self.granularity not in ("block", "layer"):
-            raise DiffpressError(f"reconstruct.granularity: {self.granularity!r} is not allowed; allowed: block, layer")
-        for key in ("iters", "samples", "batch_size"):
-            if getattr(self, key) < 1:
-                raise DiffpressError(f"reconstruct.{key}: must be >= 1, got {getattr(self, key)}")
+        check_allowed("reconstruct.granularity", self.granularity, ("block", "layer"))
+        check_at_least(self, 1, "iters", "samples", "batch_size", prefix="reconstruct.")
         if self.time_budget is not None and self.time_budget <= 0:
             raise DiffpressError(f"reconstruct.time_budget: must be positive seconds or null, got {self.time_budget}")
         if not 0 <= self.warmup < 1:

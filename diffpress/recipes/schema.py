@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import yaml
 
 from diffpress.calibration.policies import TimestepPolicy
-from diffpress.errors import DiffpressError
+from diffpress.errors import DiffpressError, check_allowed, check_at_least
 from diffpress.recipes.passes import PASSES, PassStep, check_order
 from diffpress.recipes.validate import RecipeError, Where, build, show_value, to_data
 from diffpress.sampling import SCHEDULERS
@@ -37,19 +37,6 @@ BUILTIN_DIR = Path(__file__).parent
 SAMPLERS = ("auto", "model", None, *SCHEDULERS)
 METRICS = ("psnr", "ssim", "cond_accuracy", "fd_real", "size", "torch_latency", "ort_speed")
 FORMATS = ("onnx", "torchscript")
-
-
-def _allowed(key: str, value: Any, allowed: Iterable) -> None:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        names = ", ".join("null" if a is None else str(a) for a in allowed)
-        raise DiffpressError(f"{key}: {value!r} is not allowed; allowed: {names}")
-
-
-def _at_least(obj: Any, minimum: int, *keys: str) -> None:
-    for key in keys:
-        if getattr(obj, key) < minimum:
-            raise DiffpressError(f"{key}: must be >= {minimum}, got {getattr(obj, key)}")
 
 
 @dataclass
@@ -70,8 +57,8 @@ class CalibrationConfig:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        _allowed("sampler", self.sampler, SAMPLERS)
-        _at_least(self, 1, "steps", "samples", "batch_size")
+        check_allowed("sampler", self.sampler, SAMPLERS)
+        check_at_least(self, 1, "steps", "samples", "batch_size")
 
 
 @dataclass
@@ -93,11 +80,11 @@ class EvaluationConfig:
     ort_batch: int = 1
 
     def __post_init__(self) -> None:
-        _allowed("sampler", self.sampler, SAMPLERS)
+        check_allowed("sampler", self.sampler, SAMPLERS)
         for m in self.metrics:
-            _allowed("metrics", m, METRICS)
-        _at_least(self, 1, "steps", "latency_repeats", "ort_repeats", "ort_batch")
-        _at_least(self, 0, "ort_threads")
+            check_allowed("metrics", m, METRICS)
+        check_at_least(self, 1, "steps", "latency_repeats", "ort_repeats", "ort_batch")
+        check_at_least(self, 0, "ort_threads")
         if self.samples < 2:
             raise DiffpressError(f"samples: must be >= 2 (the Fréchet distance needs two), got {self.samples}")
 
@@ -113,9 +100,9 @@ class ExportConfig:
     batch: int = 2  # the batch traced (TorchScript's fixed batch)
 
     def __post_init__(self) -> None:
-        _allowed("format", self.format, FORMATS)
-        _allowed("dtype", self.dtype, ("float32",))
-        _at_least(self, 1, "batch")
+        check_allowed("format", self.format, FORMATS)
+        check_allowed("dtype", self.dtype, ("float32",))
+        check_at_least(self, 1, "batch")
         if self.format == "onnx":
             self.opset = 21 if self.opset is None else self.opset
             self.dynamic_batch = True if self.dynamic_batch is None else self.dynamic_batch
@@ -146,7 +133,7 @@ class Recipe:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
-        _allowed("version", self.version, (VERSION,))
+        check_allowed("version", self.version, (VERSION,))
         if not self.passes:
             raise DiffpressError(f"passes: empty; name at least one pass (allowed: {', '.join(PASSES)})")
         check_order([p.name for p in self.passes])
