@@ -194,14 +194,12 @@ class ActQuant(nn.Module):
         idx = self.group_index()  # (1,), index_select keeps export free of data-dependent sizes
         scale = self.scale.index_select(0, idx).reshape(())
         zp = self.zero_point.index_select(0, idx).reshape(())
-        if _STE[0]:
+        if _STE[0]:  # forward: the fake-quantized value; backward: identity inside the range
             zpf = zp.float()
-            q = torch.clamp(torch.round(x.detach() / scale) + zpf, self.qmin, self.qmax)
-            lo, hi = (self.qmin - zpf) * scale, (self.qmax - zpf) * scale
-            return torch.clamp(x, lo, hi) + ((q - zpf) * scale - torch.clamp(x, lo, hi)).detach()
+            inside = torch.clamp(x, (self.qmin - zpf) * scale, (self.qmax - zpf) * scale)
+            return inside + (fake_quant_values(x.detach(), scale, zpf, self.bits, self.symmetric) - inside).detach()
         if _PLAIN[0]:
-            zpf = zp.float()
-            return (torch.clamp(torch.round(x / scale) + zpf, self.qmin, self.qmax) - zpf) * scale
+            return fake_quant_values(x, scale, zp.float(), self.bits, self.symmetric)
         q = QD.quantize_per_tensor.tensor(x, scale, zp, self.qmin, self.qmax, self.dtype)
         return QD.dequantize_per_tensor.tensor(q, scale, zp, self.qmin, self.qmax, self.dtype)
 
