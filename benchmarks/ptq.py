@@ -44,6 +44,18 @@ def measure(den, ref_images, labels, clf, real_feats) -> dict:
     return row, out.images
 
 
+def setup(**settings) -> tuple:
+    """The digits classifier, its features of all real digits, and the results skeleton (sampling settings
+    plus ``settings``) that the quantization benchmarks write."""
+    clf = load_classifier()
+    real_feats = metrics.classifier_outputs(clf, load_digits("all")[0])[0].numpy()
+    results = {"settings": {"steps": STEPS, "scheduler": "ddim", "guidance": GUIDANCE, "seed": 0, **settings,
+                            "simulated": "fake-quant in PyTorch", "machine": platform.machine(),
+                            "torch": torch.__version__},
+               "models": {}}
+    return clf, real_feats, results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["digits-cond-unet", "digits-dit"])
@@ -54,14 +66,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ptq.json"))
     args = parser.parse_args()
 
-    clf = load_classifier()
-    real_feats = metrics.classifier_outputs(clf, load_digits("all")[0])[0].numpy()
-    results = {"settings": {"steps": STEPS, "scheduler": "ddim", "guidance": GUIDANCE, "seed": 0,
-                            "samples": args.samples, "table_samples": args.table_samples,
-                            "calib_samples": args.calib_samples, "calib_seed": 1000,
-                            "simulated": "fake-quant in PyTorch", "machine": platform.machine(),
-                            "torch": torch.__version__},
-               "models": {}}
+    clf, real_feats, results = setup(samples=args.samples, table_samples=args.table_samples,
+                                     calib_samples=args.calib_samples, calib_seed=1000)
     for name in args.models:
         den = diffpress.load(name)
         labels = torch.arange(args.samples) % 10

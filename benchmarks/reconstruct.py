@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
-from ptq import GUIDANCE, STEPS, measure  # benchmarks/ptq.py, beside this script
+from ptq import STEPS, measure, setup  # benchmarks/ptq.py, beside this script
 
 import diffpress
 from diffpress.calibration import TimestepPolicy, collect
 from diffpress.compress import QuantizeConfig, ReconstructConfig, quantize_
-from diffpress.eval import metrics
-from diffpress.zoo import load_classifier
-from diffpress.zoo.data import load_digits
 
 
 def variants(weights: str) -> dict[str, QuantizeConfig]:
@@ -49,14 +45,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/reconstruct.json"))
     args = parser.parse_args()
 
-    clf = load_classifier()
-    real_feats = metrics.classifier_outputs(clf, load_digits("all")[0])[0].numpy()
-    results = {"settings": {"steps": STEPS, "scheduler": "ddim", "guidance": GUIDANCE, "seed": 0,
-                            "samples": args.samples, "calib_samples": 64, "calib_policy": "uniform, 10 steps",
-                            "activations": "int8, mse rule, K=1", "weights": "per output channel",
-                            "simulated": "fake-quant in PyTorch", "machine": platform.machine(),
-                            "torch": torch.__version__},
-               "models": {}}
+    clf, real_feats, results = setup(samples=args.samples, calib_samples=64, calib_policy="uniform, 10 steps",
+                                     activations="int8, mse rule, K=1", weights="per output channel")
     for name in args.models:
         den = diffpress.load(name)
         labels = torch.arange(args.samples) % 10
