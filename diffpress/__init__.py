@@ -13,9 +13,8 @@ torch.Size([2, 1, 16, 16])
 >>> len(report.quantized) > 0
 True
 """
-__version__ = "0.1.0"
-
-from diffpress.calibration import CalibrationSet, TimestepPolicy  # noqa: E402  (after __version__: eval reads it)
+from diffpress._version import __version__
+from diffpress.calibration import CalibrationSet, TimestepPolicy
 from diffpress.calibration import collect as calibrate
 from diffpress.compress import QuantizeConfig, ReconstructConfig, quantize_
 from diffpress.denoiser import Denoiser
@@ -26,6 +25,6 @@ from diffpress.loading import load
 from diffpress.recipes import run_recipe
 from diffpress.sampling import SampleOutput, Trajectory, make_scheduler, sample
 
-__all__ = ["CalibrationSet", "Denoiser", "DiffpressError", "QuantizeConfig", "ReconstructConfig", "SampleOutput", "TimestepPolicy",
-           "Trajectory", "calibrate", "evaluate", "export_onnx", "export_torchscript", "load", "make_scheduler",
-           "quantize_", "run_recipe", "sample"]
+__all__ = ["CalibrationSet", "Denoiser", "DiffpressError", "QuantizeConfig", "ReconstructConfig", "SampleOutput",
+           "TimestepPolicy", "Trajectory", "__version__", "calibrate", "evaluate", "export_onnx", "export_torchscript",
+           "load", "make_scheduler", "quantize_", "run_recipe", "sample"]

@@ -1,12 +1,16 @@
-"""Atomic output: write into a temporary sibling, then rename into place; nothing is overwritten unasked."""
+"""Atomic output (write into a temporary sibling, then rename into place; nothing is overwritten unasked) and
+packed storage of low-bit integers."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+import torch
 
 from diffpress.errors import DiffpressError
 
@@ -74,3 +78,36 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def pack_int(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed ``bits``-bit integers (held in int8) packed into bytes, two 4-bit values per byte (low nibble
+    first), flattened; :func:`unpack_int` inverts it given the shape.
+
+    >>> v = torch.tensor([[-8, 7, 3], [0, -1, 5]], dtype=torch.int8)
+    >>> p = pack_int(v, 4); p.dtype, p.numel()
+    (torch.uint8, 3)
+    >>> torch.equal(unpack_int(p, 4, v.shape), v)
+    True
+    """
+    if bits != 4:
+        raise DiffpressError(f"packing {bits}-bit values is not supported (4-bit only)")
+    flat = values.reshape(-1).to(torch.int16)
+    if flat.numel() and (flat.min() < -8 or flat.max() > 7):
+        raise DiffpressError("values outside [-8, 7] cannot be packed as int4")
+    nib = (flat & 0x0F).to(torch.uint8)
+    if nib.numel() % 2:
+        nib = torch.cat([nib, nib.new_zeros(1)])
+    return nib[0::2] | (nib[1::2] << 4)
+
+
+def unpack_int(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Inverse of :func:`pack_int`: int8 values of ``shape``."""
+    if bits != 4:
+        raise DiffpressError(f"unpacking {bits}-bit values is not supported (4-bit only)")
+    n = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
+        raise DiffpressError(f"packed int4 data of {packed.numel()} bytes ({packed.dtype}) does not hold {n} values")
+    p = packed.reshape(-1).to(torch.int16)
+    nib = torch.stack([p & 0x0F, p >> 4], 1).reshape(-1)[:n]
+    return torch.where(nib >= 8, nib - 16, nib).to(torch.int8).reshape(shape)

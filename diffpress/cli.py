@@ -46,7 +46,7 @@ def _scheduler(name: str) -> str | None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from diffpress import load
+    from diffpress.loading import load
     from diffpress.eval import cost
     from diffpress.graph import capture
 
@@ -97,7 +97,8 @@ def _parse_labels(text: str | None) -> list[int] | None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from diffpress import load, sample
+    from diffpress.loading import load
+    from diffpress.sampling import sample
     from diffpress._io import check_writable
     from diffpress.eval.grid import save_grid
 
@@ -125,7 +126,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from diffpress import load
+    from diffpress.loading import load
     from diffpress._io import check_writable
     from diffpress.eval import evaluate
 
@@ -171,7 +172,7 @@ def _run_folder_model(path: str) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from diffpress import load
+    from diffpress.loading import load
     from diffpress._io import check_writable
 
     check_writable(args.out, args.force)
@@ -209,7 +210,7 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffpress", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from diffpress import __version__
+    from diffpress._version import __version__
 
     parser.add_argument("--version", action="version", version=f"diffpress {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from diffpress.errors import DiffpressError
+from diffpress.runtime import RunContext
 
 # diffusers class name -> (kind, conditioning kind)
 SUPPORTED: dict[str, tuple[str, str]] = {
@@ -92,7 +93,8 @@ class Denoiser(nn.Module):
         super().__init__()
         self.model = model
         self.conditioner = conditioner
-        self.timestep_context = None  # set by passes whose layers depend on t (timestep-grouped quantizers)
+        # where the denoiser is in a sampling run: set by the sampler and forward, read by modules passes install
+        self.runtime = RunContext()
         self.compression: list[dict[str, Any]] = []  # one record per applied pass, enough to rebuild the modules
         name = type(model).__name__
         config = getattr(model, "config", None)
@@ -174,8 +176,7 @@ class Denoiser(nn.Module):
             t = t.reshape(()).expand(x.shape[0])
         if self.cond_kind != "none" and cond is None:
             raise DiffpressError(f"this denoiser is conditional ({self.cond_kind}); pass cond")
-        if self.timestep_context is not None:
-            self.timestep_context.t = t
+        self.runtime.t = t
         m = self.model
         if self.kind == "unet2d":
             out = m(x, t, class_labels=cond if self.cond_kind == "class" else None).sample
@@ -271,8 +272,8 @@ class Denoiser(nn.Module):
                 from safetensors.torch import save_file
 
                 self.model.save_config(tmp / key)
-                state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-                save_file(state, str(tmp / "compressed.safetensors"))
+                state, packed = self.packed_state()
+                save_file(state, str(tmp / "compressed.safetensors"), metadata={"packed": json.dumps(packed)})
                 (tmp / "compressed.safetensors").chmod(0o666 & ~_umask())  # safetensors writes 0600
                 (tmp / "diffpress.json").write_text(json.dumps(
                     {"format": COMPRESSED_FORMAT, "passes": self.compression}, indent=2) + "\n")
@@ -294,6 +295,20 @@ class Denoiser(nn.Module):
             index["diffpress"] = {"prediction_type": self.prediction_type}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         return Path(path)
+
+    def packed_state(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+        """The state dict as saved: buffers that modules declare low-bit (``packed_buffers()``, e.g. int4
+        weights held in int8) packed two values per byte; and ``{key: {bits, shape}}`` to unpack them."""
+        from diffpress._io import pack_int
+
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        packed: dict[str, dict[str, Any]] = {}
+        for name, module in self.named_modules():
+            for buffer, bits in getattr(module, "packed_buffers", dict)().items():
+                key = f"{name}.{buffer}" if name else buffer
+                packed[key] = {"bits": bits, "shape": list(state[key].shape)}
+                state[key] = pack_int(state[key], bits)
+        return state, packed
 
     def copy(self) -> "Denoiser":
         """A deep copy (the passes rewrite modules in place; keep the original for evaluation)."""

@@ -88,20 +88,24 @@ def _load_conditioner(folder: Path, spec: list, weights: bool = True):
 
 def _restore_compressed(den: Denoiser, path: Path) -> None:
     """Rebuild the compressed modules recorded in diffpress.json, then fill them from compressed.safetensors."""
-    from safetensors.torch import load_file
-
-    from diffpress.compress import restore
+    from diffpress._io import unpack_int
+    from diffpress.compress import registry
     from diffpress.denoiser import COMPRESSED_FORMAT
 
     manifest = _read_json(path / "diffpress.json")
-    if manifest.get("format") != COMPRESSED_FORMAT:
-        raise DiffpressError(f"{path}/diffpress.json has format {manifest.get('format')!r}; this diffpress reads "
+    if not isinstance(manifest, dict) or manifest.get("format") != COMPRESSED_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DiffpressError(f"{path}/diffpress.json has format {found!r}; this diffpress reads "
                              f"{COMPRESSED_FORMAT}: upgrade diffpress or re-run the compression")
-    restore(den, manifest["passes"])
+    registry.restore(den, manifest.get("passes") or [])
     weights = path / "compressed.safetensors"
     try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
+        with safe_open(str(weights), framework="pt") as f:
+            packed = json.loads((f.metadata() or {}).get("packed", "{}"))
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        for key, info in packed.items():
+            state[key] = unpack_int(state[key], info["bits"], tuple(info["shape"]))
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
         raise DiffpressError(f"{weights} is missing, corrupt or truncated ({exc}); re-save the compressed model") from exc
     result = den.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -120,7 +124,7 @@ def load(source: str | Path, *, prediction_type: str | None = None) -> Denoiser:
     >>> den.kind, den.cond_kind, den.sample_shape
     ('unet2d_condition', 'hidden_states', (1, 16, 16))
     """
-    from diffpress import zoo
+    import diffpress.zoo as zoo
 
     path = Path(source)
     if not path.exists() and str(source) in zoo.DENOISERS:

@@ -87,7 +87,9 @@ def _run(denoiser: Denoiser, scheduler, x: torch.Tensor, gens: list[torch.Genera
     use_cfg = uncond is not None
     step_kwargs = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
     rec_t, rec_x = [], []
-    for t in scheduler.timesteps:
+    denoiser.runtime.reset(steps=len(scheduler.timesteps))  # a new trajectory: cache hooks start afresh
+    for i, t in enumerate(scheduler.timesteps):
+        denoiser.runtime.at_step(i)
         xin = scheduler.scale_model_input(x, t)
         if record:
             rec_t.append(t.clone())

@@ -9,12 +9,17 @@ product) so the two parts can get their own ranges.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from diffpress.calibration.dataset import CalibrationSet
+from diffpress.runtime import hooks
+
+if TYPE_CHECKING:
+    from diffpress.denoiser import Denoiser
 
 
 @dataclass
@@ -53,7 +58,7 @@ def _partial_products(module: nn.Module, parts: list[torch.Tensor], split: int |
 
 
 def observe(
-    denoiser: nn.Module,
+    denoiser: "Denoiser",
     calibration: CalibrationSet,
     layers: dict[str, int | None],
     *,
@@ -63,7 +68,8 @@ def observe(
     seed: int = 0,
     progress: bool = True,
 ) -> ActivationStats:
-    """Run ``denoiser`` over ``calibration`` and record the input statistics of ``layers``.
+    """Run ``denoiser`` over ``calibration`` and record the input statistics of ``layers`` per timestep (read
+    from the denoiser's run-time context).
 
     ``layers`` maps module names (relative to ``denoiser``) to a concat split (channels of the first
     part) or ``None``. With ``outputs=True`` the pre-bias outputs (per part) are recorded too; those
@@ -81,33 +87,27 @@ def observe(
     stats: ActivationStats = {
         name: {kind: [{} for _ in range(1 if split is None else 2)] for kind in (("in", "out") if outputs else ("in",))}
         for name, split in layers.items()}
-    current_t: list[float] = [0.0]
-    handles = []
+    runtime = denoiser.runtime
 
     def make_hook(name: str, split: int | None):
         def hook(module, args):
             x = args[0]
+            t = float(runtime.t.reshape(-1)[0])  # a batch holds one timestep (CalibrationSet.batches)
             parts = [x] if split is None else [x[:, :split], x[:, split:]]
             record = {"in": parts}
             if outputs:
                 record["out"] = _partial_products(module, parts, split)
             for kind, values in record.items():
                 for value, store in zip(values, stats[name][kind]):
-                    store.setdefault(current_t[0], StepStats()).update(value, max_samples, gen)
+                    store.setdefault(t, StepStats()).update(value, max_samples, gen)
         return hook
 
-    for name, split in layers.items():
-        handles.append(denoiser.get_submodule(name).register_forward_pre_hook(make_hook(name, split)))
     from diffpress.denoiser import eval_mode
 
-    try:
-        with eval_mode(denoiser), torch.no_grad(), tqdm(total=len(calibration), desc="observing activations",
-                                   disable=not progress, leave=False) as bar:
-            for x, t, cond in calibration.batches(batch_size):  # streamed: a lazy set stays on disk
-                current_t[0] = float(t[0])
-                denoiser(x, t, cond)
-                bar.update(len(x))
-    finally:
-        for h in handles:
-            h.remove()
+    specs = [(denoiser.get_submodule(name), "pre", make_hook(name, split)) for name, split in layers.items()]
+    with hooks(specs), runtime.using(mode="calibrate"), eval_mode(denoiser), torch.no_grad(), \
+            tqdm(total=len(calibration), desc="observing activations", disable=not progress, leave=False) as bar:
+        for x, t, cond in calibration.batches(batch_size):  # streamed: a lazy set stays on disk
+            denoiser(x, t, cond)
+            bar.update(len(x))
     return stats

@@ -6,9 +6,7 @@ DequantizeLinear nodes. Scales live in buffers so ``torch.export`` captures them
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator
 
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
@@ -17,33 +15,10 @@ from torch import nn
 
 from diffpress.calibration.observers import StepStats
 from diffpress.errors import DiffpressError
+from diffpress.runtime import RunContext
 
 RANGE_RULES = ("max", "percentile", "mse")
 QD = torch.ops.quantized_decomposed
-_PLAIN = [False]
-_STE = [False]
-
-
-@contextlib.contextmanager
-def plain_arithmetic() -> Iterator[None]:
-    """Trace fake quantization as round/clamp arithmetic instead of quantized_decomposed ops: for artifacts
-    (TorchScript) that must load where those ops are not registered. Same numbers either way."""
-    _PLAIN[0] = True
-    try:
-        yield
-    finally:
-        _PLAIN[0] = False
-
-
-@contextlib.contextmanager
-def straight_through() -> Iterator[None]:
-    """Fake quantization with a straight-through gradient (for learning the rounding in reconstruction):
-    forward values as usual, backward as if the quantizer were the identity inside its range."""
-    _STE[0] = True
-    try:
-        yield
-    finally:
-        _STE[0] = False
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -73,11 +48,13 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -
     return q.reshape(w.shape), scale
 
 
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, group_size: int | None, bits: int = 8) -> torch.Tensor:
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, group_size: int | None, bits: int = 8,
+                      plain: bool = False) -> torch.Tensor:
     """Inverse of :func:`quantize_weight` as a registered ``quantized_decomposed`` op, so the exported
-    graph gets a DequantizeLinear on an integer initializer (per-axis, or blocked for groups)."""
+    graph gets a DequantizeLinear on an integer initializer (per-axis, or blocked for groups); ``plain``
+    computes the same values with ordinary arithmetic."""
     qmax = 2 ** (bits - 1) - 1
-    if _PLAIN[0]:
+    if plain:
         flat = q.reshape(q.shape[0], -1).float()
         expanded = scale[:, None] if group_size is None else scale.repeat_interleave(group_size, 1)
         return (flat * expanded).reshape(q.shape)
@@ -150,24 +127,18 @@ def timestep_groups(timesteps: list[float], k: int) -> list[list[float]]:
     return [ts[bounds[i]:bounds[i + 1]] for i in range(k)]
 
 
-class TimestepContext:
-    """Carries the current timestep from the Denoiser's forward to the activation quantizers inside it."""
-
-    def __init__(self) -> None:
-        self.t: torch.Tensor | None = None
-
-
 class ActQuant(nn.Module):
     """Static per-tensor activation fake-quantizer with ``K`` timestep groups.
 
     ``scale``/``zero_point`` hold one entry per group; ``bounds`` (K-1, ascending) split the timestep
     axis: group ``i`` serves ``bounds[i-1] <= t < bounds[i]``. With K = 1 it is a plain static quantizer.
     The group is picked in the graph (compare, sum, gather), so one exported ONNX graph carries all K
-    scale sets and ONNX Runtime still fuses the integer kernels.
+    scale sets and ONNX Runtime still fuses the integer kernels. ``context`` is the denoiser's
+    :class:`~diffpress.runtime.RunContext`: the timestep and the arithmetic mode come from it.
     """
 
     def __init__(self, scales: list[float], zero_points: list[int], bounds: list[float], bits: int = 8,
-                 symmetric: bool = False, context: TimestepContext | None = None):
+                 symmetric: bool = False, context: RunContext | None = None):
         super().__init__()
         self.bits, self.symmetric, self.context = bits, symmetric, context
         if symmetric:  # ONNX QuantizeLinear saturates to the full int8 range
@@ -194,11 +165,12 @@ class ActQuant(nn.Module):
         idx = self.group_index()  # (1,), index_select keeps export free of data-dependent sizes
         scale = self.scale.index_select(0, idx).reshape(())
         zp = self.zero_point.index_select(0, idx).reshape(())
-        if _STE[0]:  # forward: the fake-quantized value; backward: identity inside the range
+        mode = _mode(self.context)
+        if mode == "straight_through":  # forward: the fake-quantized value; backward: identity inside the range
             zpf = zp.float()
             inside = torch.clamp(x, (self.qmin - zpf) * scale, (self.qmax - zpf) * scale)
             return inside + (fake_quant_values(x.detach(), scale, zpf, self.bits, self.symmetric) - inside).detach()
-        if _PLAIN[0]:
+        if mode == "plain":
             return fake_quant_values(x, scale, zp.float(), self.bits, self.symmetric)
         q = QD.quantize_per_tensor.tensor(x, scale, zp, self.qmin, self.qmax, self.dtype)
         return QD.dequantize_per_tensor.tensor(q, scale, zp, self.qmin, self.qmax, self.dtype)
@@ -212,14 +184,37 @@ def _maybe(quantizer: ActQuant | None, x: torch.Tensor) -> torch.Tensor:
     return x if quantizer is None else quantizer(x)
 
 
-class QuantLinear(nn.Module):
+def _mode(context: RunContext | None) -> str:
+    return "evaluate" if context is None else context.mode
+
+
+class _QuantWeights:
+    """What the quantized layers share: the arithmetic mode from the run-time context, and their integer
+    buffers declared for packed storage (two int4 values per byte on disk; see ``Denoiser.save_pretrained``)."""
+
+    bits: int
+    context: RunContext | None
+
+    def _dequantized(self, part: str) -> torch.Tensor:
+        return dequantize_weight(getattr(self, f"weight_q{part}"), getattr(self, f"weight_scale{part}"),
+                                 self.group_size, self.bits, plain=_mode(self.context) == "plain")
+
+    def packed_buffers(self) -> dict[str, int]:
+        """Integer buffers (name -> bits) that hold ``bits``-bit values in int8 storage."""
+        if self.bits >= 8:
+            return {}
+        return {n: self.bits for n, _ in self.named_buffers(recurse=False) if n.startswith("weight_q")}
+
+
+class QuantLinear(_QuantWeights, nn.Module):
     """Linear with a quantized weight (int8 storage, per-channel or per-group scales), a fake-quantized input
     and optionally a fake-quantized output. The bias is added after the output quantizer: that is the
     pattern ONNX Runtime fuses into QLinearMatMul (and it is exact: the bias stays in float)."""
 
     def __init__(self, layer: nn.Linear, bits: int, group_size: int | None,
-                 act_in: ActQuant | None = None, act_out: ActQuant | None = None):
+                 act_in: ActQuant | None = None, act_out: ActQuant | None = None, context: RunContext | None = None):
         super().__init__()
+        self.context = context
         q, scale = quantize_weight(layer.weight, bits, group_size)
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.bits, self.group_size = bits, group_size
@@ -232,7 +227,7 @@ class QuantLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         if self.rounding is not None:
             return self.rounding[0]()
-        return dequantize_weight(self.weight_q, self.weight_scale, self.group_size, self.bits)
+        return self._dequantized("")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _maybe(self.act_out, torch.matmul(_maybe(self.act_in, x), self.weight().t()))
@@ -243,7 +238,7 @@ class QuantLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, W{self.bits} {g}"
 
 
-class QuantConv2d(nn.Module):
+class QuantConv2d(_QuantWeights, nn.Module):
     """Conv2d with a quantized weight and fake-quantized input (and output, bias added after it).
 
     With ``split`` the input is a skip-concat and the convolution runs as two partial convolutions, each
@@ -251,8 +246,9 @@ class QuantConv2d(nn.Module):
     convolutions and an add (Q-Diffusion's split quantization, made runnable)."""
 
     def __init__(self, layer: nn.Conv2d, bits: int, group_size: int | None, acts_in: list[ActQuant] | None = None,
-                 acts_out: list[ActQuant] | None = None, split: int | None = None):
+                 acts_out: list[ActQuant] | None = None, split: int | None = None, context: RunContext | None = None):
         super().__init__()
+        self.context = context
         if layer.groups != 1 and split is not None:
             raise DiffpressError("split quantization needs a dense convolution (groups=1)")
         if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
@@ -279,8 +275,7 @@ class QuantConv2d(nn.Module):
     def weight(self, part: int = 0) -> torch.Tensor:
         if self.rounding is not None:
             return self.rounding[part]()
-        return dequantize_weight(getattr(self, f"weight_q{part}"), getattr(self, f"weight_scale{part}"),
-                                 self.group_size, self.bits)
+        return self._dequantized(str(part))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xs = [x] if self.split is None else [x[:, : self.split], x[:, self.split:]]

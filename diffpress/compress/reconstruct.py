@@ -28,9 +28,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffpress.calibration.dataset import CalibrationSet
-from diffpress.compress.quant import QuantConv2d, QuantLinear, straight_through
+from diffpress.compress.quant import QuantConv2d, QuantLinear
 from diffpress.denoiser import Denoiser, eval_mode
 from diffpress.errors import DiffpressError, check_allowed, check_at_least
+from diffpress.runtime import hooks
 
 
 @dataclass
@@ -216,26 +217,22 @@ def _capture(model: Denoiser, block: str, data: list[tuple], what: str) -> list[
         found.append(_first_tensor(out).detach())
         raise _Stop
 
-    _run_hooked(model, data, [module.register_forward_pre_hook(pre, with_kwargs=True) if what == "inputs"
-                              else module.register_forward_hook(post, with_kwargs=True)])
+    with hooks([(module, "pre", pre) if what == "inputs" else (module, "post", post)], with_kwargs=True):
+        _run_until_stop(model, data)
     if len(found) != len(data):
         raise DiffpressError(f"block {block} ran {len(found)} times on {len(data)} batches (a block must run once "
                              "per denoiser call); use ReconstructConfig(granularity='layer')")
     return found
 
 
-def _run_hooked(model: Denoiser, data: list[tuple], handles: list) -> None:
-    """Run ``model`` on each batch (a hook may end a pass early with ``_Stop``), then remove ``handles``."""
-    try:
-        with torch.no_grad():
-            for x, t, cond in data:
-                try:
-                    model(x, t, cond)
-                except _Stop:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
+def _run_until_stop(model: Denoiser, data: list[tuple]) -> None:
+    """Run ``model`` on each batch; a hook may end a pass early with ``_Stop``."""
+    with torch.no_grad():
+        for x, t, cond in data:
+            try:
+                model(x, t, cond)
+            except _Stop:
+                pass
 
 
 def calibration_batches(calibration: CalibrationSet, samples: int, batch_size: int) -> list[tuple]:
@@ -271,7 +268,7 @@ def reconstruct(quantized: Denoiser, reference: Denoiser, layers: list[str], dat
     start = time.monotonic()
     units = find_blocks(layers, quantized, config.granularity)
     gen = torch.Generator().manual_seed(config.seed)
-    context = quantized.timestep_context
+    context = quantized.runtime
     records: list[dict[str, Any]] = []
     frozen = [p for p in quantized.parameters() if p.requires_grad]
     for p in frozen:
@@ -334,7 +331,7 @@ def _train(block, roundings, inputs, targets, context, data, weights, config, se
     opt = torch.optim.Adam([ar.v for ar in roundings], lr=config.lr)
     b_start, b_end = config.beta
     it = 0
-    with straight_through():
+    with context.using(mode="straight_through"):
         while it < config.iters:
             elapsed = time.monotonic() - t0
             if seconds is not None and elapsed >= seconds:
@@ -389,6 +386,6 @@ def _channel_means(model: Denoiser, names: list[str], data: list[tuple], stop: b
                 raise _Stop
         return fn
 
-    with eval_mode(model):
-        _run_hooked(model, data, [model.get_submodule(n).register_forward_hook(hook(n)) for n in names])
+    with eval_mode(model), hooks([(model.get_submodule(n), "post", hook(n)) for n in names]):
+        _run_until_stop(model, data)
     return {n: sums[n] / counts[n] for n in names if n in sums}

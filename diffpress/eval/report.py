@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from diffpress import __version__
+from diffpress._version import __version__
 from diffpress._io import atomic_dir
 from diffpress.denoiser import Denoiser
 from diffpress.eval import cost, metrics

@@ -1,31 +1,32 @@
-"""export_onnx(): a Denoiser (float or quantized) to ONNX with standard Q/DQ, verified in ONNX Runtime.
+"""export_onnx(): a Denoiser (float or compressed) to ONNX, every graph of its export plan verified in ONNX Runtime.
 
 ``torch.onnx.export(dynamo=True)`` at opset 21 by default. Quantized layers become QuantizeLinear /
-DequantizeLinear with integer initializers (int8 per-channel, or blocked int4 retyped to INT4 after
-export); timestep-grouped activation scales are gathered in the graph from the timestep input, which
-ONNX Runtime still fuses into QLinearConv / QLinearMatMul. Each export writes ``io_spec.json`` and is
-checked: ONNX Runtime against PyTorch on the same inputs, at two batch sizes.
+DequantizeLinear with integer initializers (the quantize pass retypes int4 weights to INT4 after export);
+timestep-grouped activation scales are gathered in the graph from the timestep input, which ONNX Runtime
+still fuses into QLinearConv / QLinearMatMul. What the artifact holds (graphs, files), the tolerance it is
+checked at and the op types it must contain come from the model's passes (:mod:`.plan`). Each export
+writes ``io_spec.json`` and is checked: ONNX Runtime against PyTorch on the same inputs, at two batch sizes.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
-from torch import nn
 
 from diffpress._io import atomic_dir
+from diffpress.compress import registry
 from diffpress.denoiser import Denoiser, eval_mode
 from diffpress.errors import DiffpressError
+from diffpress.exporters.plan import (ExportPlan, GraphSpec, build_plan, describe, example_feed, io_names,  # noqa: F401
+                                      rel_rms, write_io_spec)
 
 QD = torch.ops.quantized_decomposed
-SPEC_FORMAT = "diffpress.io_spec/1"
 
 
 # -- translations for the quantized_decomposed ops the stock exporter cannot take with tensor qparams -------------
@@ -54,31 +55,6 @@ def _translations(opset: int) -> dict:
             QD.dequantize_per_channel_group.default: dq_group}
 
 
-def _retype_int4(path: Path) -> int:
-    """Store int8 initializers that only feed blocked DequantizeLinear and fit in [-8, 7] as INT4."""
-    import ml_dtypes
-    import onnx_ir as ir
-
-    model = ir.load(str(path))
-    n = 0
-    for node in model.graph:
-        if node.op_type != "DequantizeLinear" or node.attributes.get("block_size") is None:
-            continue
-        v = node.inputs[0]
-        if v is None or v.const_value is None or v.dtype != ir.DataType.INT8:
-            continue
-        if any(u.node.op_type != "DequantizeLinear" for u in v.uses()):
-            continue
-        arr = v.const_value.numpy()
-        if arr.min() < -8 or arr.max() > 7:
-            continue
-        v.const_value = ir.tensor(arr.astype(ml_dtypes.int4), dtype=ir.DataType.INT4, name=v.name)
-        v.dtype = ir.DataType.INT4
-        n += 1
-    ir.save(model, str(path), external_data=path.name + ".data" if _has_external(path) else None)
-    return n
-
-
 def _strip_metadata(model) -> None:
     """Drop the exporter's per-node debugging metadata (stack traces, module paths, class hierarchies):
     on small quantized models it outweighs the int8 weights."""
@@ -88,33 +64,6 @@ def _strip_metadata(model) -> None:
             value.metadata_props.clear()
     for value in [*model.graph.inputs, *model.graph.initializers.values()]:
         value.metadata_props.clear()
-
-
-def _has_external(path: Path) -> bool:
-    return (path.parent / (path.name + ".data")).exists()
-
-
-class _Exportable(nn.Module):
-    """Named, positional inputs for export: sample, timestep[, class_labels | encoder_hidden_states]."""
-
-    def __init__(self, denoiser: Denoiser):
-        super().__init__()
-        self.denoiser = denoiser
-
-    def forward(self, sample, timestep, cond=None):
-        return self.denoiser(sample, timestep, cond)
-
-
-def io_names(denoiser: Denoiser) -> list[str]:
-    cond = {"none": [], "class": ["class_labels"], "hidden_states": ["encoder_hidden_states"]}[denoiser.cond_kind]
-    return ["sample", "timestep", *cond]
-
-
-def example_feed(denoiser: Denoiser, batch: int, sample_shape=None, seed: int = 0) -> tuple:
-    """Inputs in the exported convention: timestep float32 (batch,)."""
-    x, t, cond = denoiser.example_inputs(batch, sample_shape, seed)
-    t = torch.linspace(999.0, 1.0, batch) if batch > 1 else torch.tensor([499.0])
-    return (x, t) if cond is None else (x, t, cond)
 
 
 @dataclass
@@ -159,6 +108,8 @@ def supported_opsets() -> range:
     return range(18, newest + 1)
 
 
+
+
 def export_onnx(
     denoiser: Denoiser,
     out_dir: str | Path,
@@ -171,14 +122,13 @@ def export_onnx(
     rtol: float | None = None,
     force: bool = False,
 ) -> ExportResult:
-    """Export ``denoiser`` to ``out_dir/model.onnx`` (+ ``io_spec.json``) and verify it in ONNX Runtime.
+    """Export ``denoiser`` to ``out_dir/model.onnx`` (one ``.onnx`` per graph of its export plan, its extra
+    files, and ``io_spec.json``) and verify every graph in ONNX Runtime.
 
-    ``rtol`` bounds the relative RMS difference between ONNX Runtime and PyTorch (default 1e-4 for a float
-    model, 5e-2 for a quantized one: ONNX Runtime's integer kernels requantize in fixed point and may round
-    a value one step differently from the float simulation, which the next layers spread. Measured: 0.2 to
-    0.4 % on the trained digits-cond-unet (W8A8, one or two timestep groups); 1 to 4.5 % on random-weight
-    UNets, whose activations have no structure to absorb the flips). The check runs at the export batch
-    and at another batch size.
+    ``rtol`` bounds the relative RMS difference between ONNX Runtime and PyTorch; by default it is the
+    loosest tolerance the model's passes declare (1e-4 for a float model; 5e-2 with quantization: ONNX
+    Runtime's integer kernels requantize in fixed point and may round a value one step differently from
+    the float simulation). The check runs at the export batch and at another batch size.
 
     >>> import diffpress, tempfile, pathlib
     >>> res = export_onnx(diffpress.load("digits-dit"), pathlib.Path(tempfile.mkdtemp()) / "dit")
@@ -190,83 +140,90 @@ def export_onnx(
     if opset not in supported_opsets():
         raise DiffpressError(f"opset {opset} is not supported: torch.onnx's dynamo exporter needs >= 18 and this "
                              f"onnxscript knows up to {supported_opsets()[-1]} (default 21)")
-    quantized = bool(denoiser.compression)
-    int4 = any(layer.get("weight_bits") == 4 for rec in denoiser.compression for layer in rec.get("layers", []))
-    if int4 and opset < 21:
-        raise DiffpressError(f"int4 weights need opset >= 21 (blocked DequantizeLinear), got {opset}")
-    rtol = rtol if rtol is not None else (5e-2 if quantized else 1e-4)
-    names = io_names(denoiser)
+    plan = build_plan(denoiser, sample_shape)
+    need, why = plan.min_opset
+    if opset < need:
+        raise DiffpressError(f"{why}, got {opset}")
+    rtol = rtol if rtol is not None else plan.rtol
     # torch.export specializes a dimension of size 1, so a dynamic batch is traced at 2 or more
-    args = example_feed(denoiser, max(batch, 2) if dynamic_batch else batch, sample_shape)
+    trace_batch = max(batch, 2) if dynamic_batch else batch
+    big = sum(p.numel() for p in denoiser.parameters()) > 100_000_000
+    with atomic_dir(out_dir, force=force) as tmp:
+        entries, facts, all_ops, all_ort_ops = [], {}, Counter(), Counter()
+        for graph in plan.graphs:
+            args = graph.example(trace_batch, 0)
+            path = tmp / f"{graph.name}.onnx"
+            program = _export_graph(graph, args, opset, dynamic_batch, denoiser)
+            _strip_metadata(program.model)
+            for spec, record in registry.specs(denoiser.compression):
+                if spec.onnx_rewrite is not None:
+                    for key, value in spec.onnx_rewrite(program.model, record).items():
+                        summed = isinstance(value, int) and not isinstance(value, bool)  # counts add up over graphs
+                        facts[key] = facts.get(key, 0) + value if summed else value
+            program.save(str(path), external_data=big)
+            ops = _op_counts(onnx.load(str(path), load_external_data=False))
+            all_ops.update(ops)
+            with torch.no_grad(), eval_mode(denoiser):
+                outputs = graph.outputs(args)
+            entry = {"name": graph.name, "file": path.name, "description": graph.description,
+                     "inputs": describe(list(args), graph.input_names, "batch" if dynamic_batch else trace_batch),
+                     "outputs": describe(outputs, graph.output_names, "batch" if dynamic_batch else trace_batch),
+                     "op_types": ops, "verification": {"passed": None, "note": "not verified (verify=False)"}}
+            if verify:
+                entry["verification"], ort_ops = _verify(graph, denoiser, path, tmp, batch, rtol, dynamic_batch)
+                entry["ort_op_types"] = ort_ops
+                all_ort_ops.update(ort_ops)
+            entries.append(entry)
+        for name, alternatives in plan.required_ops:
+            if not any(all_ops.get(op) for op in alternatives):
+                raise DiffpressError(f"the model has pass {name!r}, whose artifact must contain "
+                                     f"{' or '.join(alternatives)} nodes, but the exported graphs have none; "
+                                     "its rewritten layers were lost in export")
+        spec = write_io_spec(tmp, plan, runtime="onnxruntime", graphs=entries, rtol=rtol,
+                             extra={"opset": opset, "dynamic_batch": dynamic_batch, **facts})
+        result = ExportResult(Path(out_dir), spec, spec.get("verification", {}), dict(sorted(all_ops.items())),
+                              dict(sorted(all_ort_ops.items())))
+    return result
+
+
+def _export_graph(graph: GraphSpec, args: tuple, opset: int, dynamic_batch: bool, denoiser: Denoiser):
     dynamic = None
     if dynamic_batch:
         b = torch.export.Dim("batch", min=1, max=1024)
         dynamic = tuple({0: b} for _ in args)
-    with atomic_dir(out_dir, force=force) as tmp:
-        path = tmp / "model.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                with eval_mode(denoiser):
-                    program = torch.onnx.export(
-                        _Exportable(denoiser), args, dynamo=True, opset_version=opset, input_names=names,
-                        output_names=["out_sample"], dynamic_shapes=dynamic,
-                        custom_translation_table=_translations(opset), verbose=False)
-            except Exception as exc:  # noqa: BLE001 - report the exporter's failure in one line
-                raise DiffpressError(f"torch.onnx.export failed: {type(exc).__name__}: "
-                                     f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-        _strip_metadata(program.model)
-        program.save(str(path), external_data=sum(p.numel() for p in denoiser.parameters()) > 100_000_000)
-        int4_count = _retype_int4(path) if int4 else 0
-        model = onnx.load(str(path), load_external_data=False)
-        ops = _op_counts(model)
-        if quantized and not (ops.get("QuantizeLinear", 0) or ops.get("DequantizeLinear", 0)):
-            raise DiffpressError("the model is quantized but the exported graph has no Q/DQ nodes; "
-                                 "the quantized layers were lost in export")
-        spec = {
-            "format": SPEC_FORMAT,
-            "opset": opset,
-            "inputs": [{"name": n, "shape": ["batch", *map(int, a.shape[1:])], "dtype": str(a.dtype).replace("torch.", "")}
-                       for n, a in zip(names, args)],
-            "outputs": [{"name": "out_sample", "shape": ["batch", *denoiser.sample_shape], "dtype": "float32"}],
-            "timestep": "float32 (batch,): the scheduler's timestep value (0 .. num_train_timesteps-1); all items "
-                        "of a batch share one timestep when the model has timestep-grouped quantizers",
-            "prediction_type": denoiser.prediction_type,
-            "null_label": denoiser.null_label,
-            "scheduler": denoiser.scheduler_config,
-            "quantized": quantized,
-            "int4_initializers": int4_count,
-            "dynamic_batch": dynamic_batch,
-        }
-        result = ExportResult(out_dir if isinstance(out_dir, Path) else Path(out_dir), spec, op_types=ops)
-        if verify:
-            result.verification, result.ort_op_types = _verify(denoiser, path, tmp, batch, sample_shape, rtol,
-                                                                dynamic_batch)
-            spec["verification"] = result.verification
-        (tmp / "io_spec.json").write_text(json.dumps(spec, indent=2, default=str) + "\n")
-    return result
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with eval_mode(denoiser), denoiser.runtime.using(mode="export"):
+                return torch.onnx.export(
+                    graph.module, args, dynamo=True, opset_version=opset, input_names=graph.input_names,
+                    output_names=graph.output_names, dynamic_shapes=dynamic,
+                    custom_translation_table=_translations(opset), verbose=False)
+        except Exception as exc:  # noqa: BLE001 - report the exporter's failure in one line
+            raise DiffpressError(f"torch.onnx.export failed on graph {graph.name!r}: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
-def _verify(denoiser: Denoiser, path: Path, tmp: Path, batch: int, sample_shape, rtol: float,
+def _verify(graph: GraphSpec, denoiser: Denoiser, path: Path, tmp: Path, batch: int, rtol: float,
             dynamic_batch: bool) -> tuple[dict[str, Any], dict[str, int]]:
     import onnx
 
-    optimized = tmp / "model.ort-optimized.onnx"
+    optimized = tmp / f"{path.stem}.ort-optimized.onnx"
     sess = ort_session(path, optimized_path=optimized)
     ort_ops = _op_counts(onnx.load(str(optimized), load_external_data=False))
-    optimized.unlink()
-    for extra in tmp.glob("model.ort-optimized.onnx*"):
+    for extra in tmp.glob(f"{path.stem}.ort-optimized.onnx*"):
         extra.unlink()
     checks = []
     for b, seed in ((batch, 1), (batch + 1 if dynamic_batch else batch, 2)):
-        args = example_feed(denoiser, b, sample_shape, seed)
+        args = graph.example(b, seed)
         with torch.no_grad(), eval_mode(denoiser):
-            ref = denoiser(*args).numpy()
-        got = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})[0]
-        rel = float(np.sqrt(np.mean((got - ref) ** 2)) / max(np.sqrt(np.mean(ref ** 2)), 1e-12))
-        checks.append({"batch": b, "max_abs_diff": float(np.abs(got - ref).max()), "rel_rms_diff": rel})
+            refs = [r.numpy() for r in graph.outputs(args)]
+        gots = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})
+        for name, ref, got in zip(graph.output_names, refs, gots):
+            checks.append({"graph": graph.name, "output": name, "batch": b,
+                           "max_abs_diff": float(np.abs(got - ref).max()), "rel_rms_diff": rel_rms(got, ref)})
     passed = all(c["rel_rms_diff"] <= rtol for c in checks)
     verification = {"runtime": "onnxruntime CPU", "rtol": rtol, "checks": checks, "passed": passed}
     if not passed:
-        raise DiffpressError(f"ONNX Runtime disagrees with PyTorch beyond rtol={rtol}: {checks}")
+        raise DiffpressError(f"ONNX Runtime disagrees with PyTorch beyond rtol={rtol} on graph {graph.name!r}: {checks}")
     return verification, ort_ops

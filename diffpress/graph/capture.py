@@ -16,6 +16,7 @@ from torch import fx, nn
 from diffpress.errors import DiffpressError
 from diffpress.graph.macs import COMPUTE_OPS, node_macs
 from diffpress.graph.roles import concat_split, is_compute, layer_roles
+from diffpress.runtime import hooks
 
 
 @dataclass(frozen=True)
@@ -77,17 +78,6 @@ class Graph:
     def batch(self) -> int:
         return int(self.example_inputs[0].shape[0])
 
-    def layers_with_role(self, role: str) -> list[Layer]:
-        return [layer for layer in self.layers if role in layer.roles]
-
-    def op_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for n in self.gm.graph.nodes:
-            if n.op == "call_function":
-                key = str(n.target)
-                counts[key] = counts.get(key, 0) + 1
-        return counts
-
 
 @contextlib.contextmanager
 def _module_trail(model: nn.Module) -> Iterator[list[str]]:
@@ -98,15 +88,11 @@ def _module_trail(model: nn.Module) -> Iterator[list[str]]:
         if trail:
             trail.pop()
 
-    handles = []
+    specs = []
     for name, mod in model.named_modules():
-        handles.append(mod.register_forward_pre_hook(lambda m, a, name=name: trail.append(name)))
-        handles.append(mod.register_forward_hook(leave))
-    try:
+        specs += [(mod, "pre", lambda m, a, name=name: trail.append(name)), (mod, "post", leave)]
+    with hooks(specs):
         yield trail
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def capture(denoiser: nn.Module, example_inputs: tuple | None = None, batch: int = 1) -> Graph:

@@ -17,6 +17,10 @@ from torch import fx
 
 aten = torch.ops.aten
 
+# every role :func:`layer_roles` can give a layer; passes select and skip layers by these names
+ROLES = ("time_embedding", "cond_projection", "first", "last", "attn_q", "attn_k", "attn_v", "attn_out",
+         "shortcut", "attention", "body")
+
 # ops that move or reshape data without mixing values across tokens/channels in a way that matters here
 _RESHAPE = {
     aten.view.default, aten.reshape.default, aten.permute.default, aten.transpose.int, aten.contiguous.default,

@@ -7,16 +7,19 @@ from pathlib import Path
 from typing import Any
 
 from diffpress.calibration import CalibrationSet
+from diffpress.compress import registry
 from diffpress.denoiser import Denoiser
 from diffpress.eval import Report
 from diffpress.recipes.schema import Recipe
 from diffpress.recipes.validate import to_data
 
 FORMAT = "diffpress.run_report/1"
-SIMULATION_NOTE = ("quality figures and PyTorch latencies of the compressed model come from a fake-quant simulation "
-                   "in PyTorch (values rounded to the integer grid, computed in float; slower than float by "
-                   "construction); deployed speed is the ONNX Runtime figure, and the export check bounds how far "
-                   "ONNX Runtime's integer kernels differ from the simulation")
+def simulation_note(notes: list[str]) -> str:
+    """The report's note for a compressed model whose passes are simulated in PyTorch (``notes``: what each
+    pass simulates, from the registry)."""
+    return ("quality figures and PyTorch latencies of the compressed model come from a simulation in PyTorch ("
+            + "; ".join(notes) + "); deployed speed is the ONNX Runtime figure, and the export check bounds how far "
+            "the deployed artifact differs from the simulation")
 _INTEGER_KERNELS = ("QLinear", "Integer", "NBits", "QGemm")
 
 
@@ -28,18 +31,19 @@ def folder_bytes(folder: Path) -> int:
 def _pass_data(step, report: Any) -> dict[str, Any]:
     data = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else {}
     data.pop("config", None)  # already under "config"
-    return {"pass": step.name, "config": to_data(step.config), "summary": getattr(report, "summary", lambda: "")(),
-            **data}
+    return {"pass": step.name, "config": to_data(step.config), "summary": step.spec.summary(report), **data}
 
 
-def _headline(metrics: list[str], ev: dict[str, Any], size: dict[str, Any], speed: dict | None) -> dict[str, Any]:
+def _headline(metrics: list[str], ev: dict[str, Any], size: dict[str, Any], speed: dict | None,
+              simulated: bool) -> dict[str, Any]:
     ref, cand = ev["models"]["reference"], ev["models"]["candidate"]
     both = {k: {"uncompressed": ref.get(k), "compressed": cand.get(k)} for k in ("cond_accuracy", "fd_real")}
     figures = {
         "psnr": ev["fidelity"]["psnr_db"], "ssim": ev["fidelity"]["ssim"], **both,
         "size": {k: size[k] for k in ("reference_bytes", "compressed_bytes", "ratio")},
         "torch_latency": {"uncompressed_ms": ref["latency_ms_per_call"], "compressed_ms": cand["latency_ms_per_call"],
-                          "note": "PyTorch eager, batch 1; the compressed model is a fake-quant simulation"},
+                          "note": "PyTorch eager, batch 1" + ("; the compressed model is a simulation" if simulated
+                                                              else "")},
         "ort_speed": None if speed is None else {k: speed[k] for k in ("fp32_ms", "compressed_ms", "speedup")},
     }
     return {m: figures[m] for m in metrics}
@@ -50,10 +54,11 @@ def build(*, recipe: Recipe, model: str, reference: Denoiser, compressed: Denois
           evaluation_scheduler: dict, exports: list[dict], speed: dict | None, reload_check: dict | None,
           timings: dict[str, float]) -> dict[str, Any]:
     """Everything ``report.json`` holds; each figure was measured in this run."""
-    from diffpress import __version__
+    from diffpress._version import __version__
 
     ev = evaluation.data
     ref, cand = ev["models"]["reference"], ev["models"]["candidate"]
+    simulated = registry.simulation_notes(compressed.compression)
     size: dict[str, Any] = {"reference_bytes": ref["bytes"], "compressed_bytes": cand["bytes"],
                             "ratio": ref["bytes"] / cand["bytes"],
                             "measure": "state dict serialized as safetensors (what save_pretrained writes)"}
@@ -73,9 +78,10 @@ def build(*, recipe: Recipe, model: str, reference: Denoiser, compressed: Denois
         "model": {"source": model, "architecture": type(reference.model).__name__, "kind": reference.kind,
                   "sample_shape": list(reference.sample_shape), "conditioning": reference.cond_kind,
                   "compression": [r["pass"] for r in compressed.compression]},
-        "headline": _headline(recipe.evaluation.metrics, ev, size, speed),
-        # quantized layers are fake-quantized in PyTorch: the quality figures simulate the integer arithmetic
-        "compression_simulated": any(r["pass"] == "quantize" for r in compressed.compression),
+        "headline": _headline(recipe.evaluation.metrics, ev, size, speed, bool(simulated)),
+        # what the PyTorch model of the passes only simulates (e.g. integer arithmetic as fake quantization)
+        "compression_simulated": bool(simulated),
+        "simulated": simulated,
         "calibration": cal,
         "passes": [_pass_data(step, rep) for step, rep in zip(recipe.passes, pass_reports)],
         "evaluation": {**ev, "scheduler": evaluation_scheduler},
@@ -126,8 +132,9 @@ def headline_lines(data: dict[str, Any]) -> list[tuple[str, str]]:
                                f"({sp['speedup']:.2f}x, median of {sp['repeats']})"))
     if "torch_latency" in h:
         t = h["torch_latency"]
+        sim = "simulation, " if data.get("compression_simulated") else ""
         lines.append(("eager", f"PyTorch {t['uncompressed_ms']:.3f} ms -> {t['compressed_ms']:.3f} ms per call "
-                               "(fake-quant simulation, not deployed speed)"))
+                               f"({sim}not deployed speed)"))
     floats = sum(len(p.get("skipped", [])) for p in data["passes"])
     lines.append(("float", f"{floats} layers left in float (report.md lists them with the reason)"))
     return lines

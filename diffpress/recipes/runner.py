@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from diffpress._io import atomic_dir, check_writable
 from diffpress.calibration import CalibrationSet, collect
+from diffpress.compress import registry
 from diffpress.denoiser import Denoiser
 from diffpress.errors import DiffpressError
 from diffpress.eval import Report, evaluate
@@ -157,7 +158,8 @@ def _export(fmt: str, compressed: Denoiser, folder: Path, cfg) -> dict[str, Any]
         spec = export_torchscript(compressed, folder, batch=cfg.batch)
     return {"format": fmt, "path": f"{folder.name}/model.pt", "bytes": run_report.folder_bytes(folder),
             "verification": spec["verification"],
-            "note": "TorchScript is deprecated upstream; the traced graph computes the fake-quant simulation"}
+            "note": "TorchScript is deprecated upstream; the traced graph computes what the PyTorch model computes"
+                    + "".join(f" ({n})" for n in registry.simulation_notes(compressed.compression))}
 
 
 def ort_speed(reference: Denoiser, compressed_onnx: Path, work: Path, ev: EvaluationConfig, opset: int,
@@ -235,8 +237,8 @@ def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None 
     ...         "evaluation.samples=4", "evaluation.steps=4", "evaluation.latency_repeats=1",
     ...         "evaluation.metrics=[psnr, ssim]", "exports=[]"]
     >>> res = diffpress.run_recipe("fast", "digits-dit", overrides=tiny, progress=False)
-    >>> res["passes"][0]["pass"], res["evaluation"]["settings"]["num_samples"]
-    ('quantize', 4)
+    >>> res["passes"][0]["pass"] == res.recipe.passes[0].name, res["evaluation"]["settings"]["num_samples"]
+    (True, 4)
     >>> res["evaluation"]["fidelity"]["psnr_db"] > 20  # against the uncompressed model, same seeds
     True
     """
@@ -278,8 +280,9 @@ def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None 
                                   scheduler=eval_sampler, guidance=ev.guidance, seed=ev.seed,
                                   latency_repeats=ev.latency_repeats, names=(label, f"{label} [{recipe.name}]"),
                                   progress=progress)
-            if compressed.compression:
-                evaluation.notes.append(run_report.SIMULATION_NOTE)
+            simulated = registry.simulation_notes(compressed.compression)
+            if simulated:
+                evaluation.notes.append(run_report.simulation_note(simulated))
         exports = []
         for e in recipe.exports:
             with stages(f"export {e.format}"):

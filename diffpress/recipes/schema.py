@@ -25,7 +25,8 @@ import yaml
 
 from diffpress.calibration.policies import TimestepPolicy
 from diffpress.errors import DiffpressError, check_allowed, check_at_least
-from diffpress.recipes.passes import PASSES, PassStep, check_order
+from diffpress.compress import registry
+from diffpress.recipes.passes import PassStep, check_order
 from diffpress.recipes.validate import RecipeError, Where, build, show_value, to_data
 from diffpress.sampling import SCHEDULERS
 
@@ -111,7 +112,7 @@ class ExportConfig:
             ok = supported_opsets()
             if self.opset not in ok:
                 raise DiffpressError(f"opset: {self.opset} is not allowed; allowed: {ok[0]} to {ok[-1]} (torch.onnx's "
-                                     "dynamo exporter and this onnxscript), 21 or newer for int4 weights")
+                                     "dynamo exporter and this onnxscript); some passes need a newer one")
         else:
             if self.opset is not None:
                 raise DiffpressError("opset: TorchScript has no opset; remove the key or set it to null")
@@ -135,7 +136,7 @@ class Recipe:
     def __post_init__(self) -> None:
         check_allowed("version", self.version, (VERSION,))
         if not self.passes:
-            raise DiffpressError(f"passes: empty; name at least one pass (allowed: {', '.join(PASSES)})")
+            raise DiffpressError(f"passes: empty; name at least one pass (allowed: {', '.join(registry.names())})")
         check_order([p.name for p in self.passes])
         formats: dict[str, int] = {}
         for i, e in enumerate(self.exports):
@@ -143,10 +144,10 @@ class Recipe:
                 raise DiffpressError(f"exports.{i}: a second {e.format} export (first at exports.{formats[e.format]});"
                                      f" each format is written once, to <out>/{e.format}/")
             formats[e.format] = i
-            if e.format == "onnx" and e.opset < 21 and any(
-                    p.name == "quantize" and p.config.weights == "int4" for p in self.passes):
-                raise DiffpressError(f"exports.{i}.opset: int4 weights need opset >= 21 (blocked "
-                                     f"DequantizeLinear), got {e.opset}")
+            for p in self.passes if e.format == "onnx" else ():
+                need, why = p.spec.min_opset(p.config)
+                if e.opset < need:
+                    raise DiffpressError(f"exports.{i}.opset: {why}, got {e.opset}")
         if "ort_speed" in self.evaluation.metrics and "onnx" not in formats:
             raise DiffpressError("evaluation.metrics: ort_speed times the ONNX export; add {format: onnx} to "
                                  "exports or drop ort_speed")
@@ -292,7 +293,7 @@ def dump_recipe(recipe: Recipe) -> str:
     >>> from_data(yaml.safe_load(dump_recipe(r)), "resolved") == r
     True
     """
-    from diffpress import __version__
+    from diffpress._version import __version__
 
     header = (f"# resolved by diffpress {__version__}: every default filled in\n"
               f"# repeat the run with: diffpress run recipe.yaml --model ...\n")

@@ -3,9 +3,10 @@ import torch
 from torch import nn
 
 from diffpress.calibration.observers import StepStats
-from diffpress.compress.quant import (ActQuant, QuantConv2d, QuantLinear, TimestepContext, act_qparams,
+from diffpress.compress.quant import (ActQuant, QuantConv2d, QuantLinear, act_qparams,
                                       aggregate_range, dequantize_weight, quantize_weight, timestep_groups)
 from diffpress.errors import DiffpressError
+from diffpress.runtime import RunContext
 
 
 def test_int8_per_channel_weight_by_hand():
@@ -61,7 +62,7 @@ def test_range_rules():
 
 def test_timestep_groups_and_runtime_selection():
     assert timestep_groups([900.0, 600.0, 300.0, 0.0], 2) == [[0.0, 300.0], [600.0, 900.0]]
-    ctx = TimestepContext()
+    ctx = RunContext()
     aq = ActQuant([0.1, 1.0], [0, 0], [450.0], context=ctx)
     x = torch.tensor([0.26, 2.6])
     ctx.t = torch.tensor([100.0])

@@ -4,7 +4,8 @@ import torch
 import diffpress
 from diffpress.calibration import TimestepPolicy, collect
 from diffpress.compress import QuantizeConfig, ReconstructConfig, quantize_
-from diffpress.compress.quant import ActQuant, QuantConv2d, straight_through
+from diffpress.compress.quant import ActQuant, QuantConv2d
+from diffpress.runtime import RunContext
 from diffpress.compress.reconstruct import AdaRound, calibration_batches, find_blocks
 from diffpress.errors import DiffpressError
 
@@ -34,9 +35,10 @@ def test_adaround_starts_at_the_float_weight_and_hardens_to_the_grid():
 
 
 def test_straight_through_fake_quant_passes_gradients_inside_the_range():
-    aq = ActQuant([0.1], [0], [], bits=8)  # uint8, range [0, 25.5]
+    ctx = RunContext()
+    aq = ActQuant([0.1], [0], [], bits=8, context=ctx)  # uint8, range [0, 25.5]
     x = torch.tensor([-1.0, 0.33, 30.0], requires_grad=True)
-    with straight_through():
+    with ctx.using(mode="straight_through"):
         y = aq(x)
     assert torch.allclose(y.detach(), torch.tensor([0.0, 0.3, 25.5]))
     y.sum().backward()

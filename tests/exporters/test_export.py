@@ -105,3 +105,42 @@ def test_tensorrt_style_export_symmetric_int8_constant_scales_at_opset_18(tmp_pa
         q4 = make_quant_unet(8)
         quantize_(q4, QuantizeConfig(weights="int4", group_size=16, activations=None), progress=False)
         export_onnx(q4, tmp_path / "m4", opset=18)
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_int4_weights_are_int4_initializers_in_onnx_and_packed_on_disk(group_size, tmp_path, make_quant_unet):
+    """Per-channel and grouped int4 weights: INT4 initializers in the ONNX file, two values per byte in
+    compressed.safetensors, and a bit-exact reload."""
+    from safetensors import safe_open
+
+    import diffpress
+
+    den = make_quant_unet(8)
+    cs = collect(den, num_samples=4, steps=6, policy=TimestepPolicy("uniform", count=3), progress=False)
+    q = den.copy()
+    report = quantize_(q, QuantizeConfig(weights="int4", group_size=group_size), cs, progress=False)
+    weights = {f"{s['name']}.weight_q" + ("" if s["kind"] == "linear" else str(i))
+               for s in report.quantized for i in range(1 if s["split"] is None else 2)}
+    res = export_onnx(q, tmp_path / "m")
+    assert res.verification["passed"]
+    model = onnx.load(str(tmp_path / "m" / "model.onnx"))
+    int4 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4}
+    int8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
+    assert len(int4) == len(weights) == res.spec["int4_initializers"] and not int8
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int4]
+    blocked = [any(a.name == "block_size" for a in n.attribute) for n in dq]
+    assert len(dq) == len(int4) and all(blocked) == (group_size is not None) and any(blocked) == (group_size is not None)
+    assert all(len(n.input) == 2 for n in dq)  # symmetric: no zero point
+    q.save_pretrained(tmp_path / "saved")
+    with safe_open(str(tmp_path / "saved" / "compressed.safetensors"), framework="pt") as f:
+        packed = json.loads(f.metadata()["packed"])
+        assert set(packed) == weights
+        for key in weights:
+            stored, shape = f.get_tensor(key), packed[key]["shape"]
+            assert stored.dtype == torch.uint8 and stored.numel() == (torch.Size(shape).numel() + 1) // 2
+    back = diffpress.load(tmp_path / "saved")
+    for key in weights:
+        assert torch.equal(back.state_dict()[key], q.state_dict()[key])
+    x, t, c = example_feed(q, 2, None, seed=3)
+    with torch.no_grad():
+        assert torch.equal(back(x, t, c), q(x, t, c))

@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from diffpress import DiffpressError, QuantizeConfig, ReconstructConfig
-from diffpress.recipes import passes
-from diffpress.recipes.passes import PassSpec
+from diffpress.compress import registry
+from diffpress.compress.registry import PassSpec
 from diffpress.recipes.schema import builtin_recipes, dump_recipe, from_data, load_recipe
 
 MINIMAL = {"version": 1, "passes": [{"pass": "quantize"}], "exports": [{"format": "onnx"}]}
@@ -148,8 +148,8 @@ def test_pass_order_rules(monkeypatch, tmp_path):
     def noop(den, config, calibration, progress):
         return None
 
-    monkeypatch.setitem(passes.PASSES, "prune", PassSpec("prune", PruneConfig, noop))
-    monkeypatch.setitem(passes.PASSES, "cache", PassSpec("cache", CacheConfig, noop, after=("quantize",), last=True))
+    monkeypatch.setitem(registry.PASSES, "prune", PassSpec("prune", PruneConfig, noop))
+    monkeypatch.setitem(registry.PASSES, "cache", PassSpec("cache", CacheConfig, noop, after=("quantize",), last=True))
     ok = load_recipe(write(tmp_path, {**MINIMAL, "passes": [{"pass": "prune", "amount": 0.25}, {"pass": "quantize"},
                                                                {"pass": "cache"}]}))
     assert [p.name for p in ok.passes] == ["prune", "quantize", "cache"] and ok.passes[0].config.amount == 0.25
