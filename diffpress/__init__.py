@@ -13,17 +13,52 @@ torch.Size([2, 1, 16, 16])
 >>> len(report.quantized) > 0
 True
 """
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from diffpress._version import __version__
-from diffpress.calibration import CalibrationSet, TimestepPolicy
-from diffpress.calibration import collect as calibrate
-from diffpress.compress import QuantizeConfig, ReconstructConfig, quantize_
-from diffpress.denoiser import Denoiser
 from diffpress.errors import DiffpressError
-from diffpress.eval import evaluate
-from diffpress.exporters import export_onnx, export_torchscript
-from diffpress.loading import load
-from diffpress.recipes import run_recipe
-from diffpress.sampling import SampleOutput, Trajectory, make_scheduler, sample
+
+# name -> module: imported on first use, so `import diffpress` (and the CLI's argument checks) stay light
+_LAZY = {
+    "CalibrationSet": "diffpress.calibration.dataset", "TimestepPolicy": "diffpress.calibration.policies",
+    "calibrate": "diffpress.calibration.dataset:collect", "QuantizeConfig": "diffpress.compress.quantize",
+    "ReconstructConfig": "diffpress.compress.reconstruct", "quantize_": "diffpress.compress.quantize",
+    "Denoiser": "diffpress.denoiser", "evaluate": "diffpress.eval.report", "export_onnx": "diffpress.exporters.onnx",
+    "export_torchscript": "diffpress.exporters.torchscript", "load": "diffpress.loading",
+    "run_recipe": "diffpress.recipes.runner", "SampleOutput": "diffpress.sampling", "Trajectory": "diffpress.sampling",
+    "make_scheduler": "diffpress.sampling", "sample": "diffpress.sampling",
+}
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from diffpress.calibration.dataset import CalibrationSet
+    from diffpress.calibration.dataset import collect as calibrate
+    from diffpress.calibration.policies import TimestepPolicy
+    from diffpress.compress.quantize import QuantizeConfig, quantize_
+    from diffpress.compress.reconstruct import ReconstructConfig
+    from diffpress.denoiser import Denoiser
+    from diffpress.eval.report import evaluate
+    from diffpress.exporters.onnx import export_onnx
+    from diffpress.exporters.torchscript import export_torchscript
+    from diffpress.loading import load
+    from diffpress.recipes.runner import run_recipe
+    from diffpress.sampling import SampleOutput, Trajectory, make_scheduler, sample
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'diffpress' has no attribute {name!r}")
+    module, _, attr = _LAZY[name].partition(":")
+    value = getattr(importlib.import_module(module), attr or name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = ["CalibrationSet", "Denoiser", "DiffpressError", "QuantizeConfig", "ReconstructConfig", "SampleOutput",
            "TimestepPolicy", "Trajectory", "__version__", "calibrate", "evaluate", "export_onnx", "export_torchscript",

@@ -8,18 +8,31 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from diffpress.errors import DiffpressError
 
+if TYPE_CHECKING:
+    import torch
+
 
 def check_writable(path: str | os.PathLike, force: bool) -> Path:
-    """Raise if ``path`` exists and ``force`` is false; return it as a Path."""
+    """Raise if ``path`` exists and ``force`` is false, or if nothing can be written where it would go (its
+    nearest existing folder refuses a new file); return it as a Path. Nothing is left behind."""
     path = Path(path)
     if path.exists() and not force:
         raise DiffpressError(f"{path} already exists; pass --force (force=True) to overwrite it")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is not a folder")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise DiffpressError(f"cannot write {path}: {folder} does not take new files ({exc.strerror or exc}); "
+                             "choose another output path") from None
     return path
 
 
@@ -84,12 +97,15 @@ def pack_int(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Signed ``bits``-bit integers (held in int8) packed into bytes, two 4-bit values per byte (low nibble
     first), flattened; :func:`unpack_int` inverts it given the shape.
 
+    >>> import torch
     >>> v = torch.tensor([[-8, 7, 3], [0, -1, 5]], dtype=torch.int8)
     >>> p = pack_int(v, 4); p.dtype, p.numel()
     (torch.uint8, 3)
     >>> torch.equal(unpack_int(p, 4, v.shape), v)
     True
     """
+    import torch
+
     if bits != 4:
         raise DiffpressError(f"packing {bits}-bit values is not supported (4-bit only)")
     flat = values.reshape(-1).to(torch.int16)
@@ -103,6 +119,8 @@ def pack_int(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_int(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
     """Inverse of :func:`pack_int`: int8 values of ``shape``."""
+    import torch
+
     if bits != 4:
         raise DiffpressError(f"unpacking {bits}-bit values is not supported (4-bit only)")
     n = math.prod(shape)

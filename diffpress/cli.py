@@ -23,6 +23,23 @@ EPILOG = """examples:
 """
 
 
+def _at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+_positive, _count = _at_least(1), _at_least(0)
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     from diffpress.zoo import DEFAULT_MODEL
 
@@ -31,14 +48,14 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling(p: argparse.ArgumentParser, steps: int = 50) -> None:
-    from diffpress.sampling import SCHEDULERS
+    from diffpress.schedulers import SCHEDULERS
 
-    p.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default: {steps})")
+    p.add_argument("--steps", type=_positive, default=steps, help=f"sampling steps (default: {steps})")
     p.add_argument("--scheduler", default="ddim", choices=[*SCHEDULERS, "model"],
                    help="diffusers scheduler; 'model' uses the one the checkpoint shipped with (default: ddim)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: 3.0 for conditional models, else 1)")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED+i (default: 0)")
+    p.add_argument("--seed", type=_count, default=0, help="sample i uses seed SEED+i (default: 0)")
 
 
 def _scheduler(name: str) -> str | None:
@@ -46,7 +63,9 @@ def _scheduler(name: str) -> str | None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from diffpress.loading import load
+    from diffpress.loading import load, resolve_source
+
+    resolve_source(args.model)  # a wrong path answers before torch is imported
     from diffpress.eval import cost
     from diffpress.graph import capture
 
@@ -97,13 +116,15 @@ def _parse_labels(text: str | None) -> list[int] | None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from diffpress.loading import load
-    from diffpress.sampling import sample
     from diffpress._io import check_writable
-    from diffpress.eval.grid import save_grid
+    from diffpress.loading import load, resolve_source
 
     check_writable(args.out, args.force)
-    labels = _parse_labels(args.labels)  # bad flags fail before the (slow) model load
+    labels = _parse_labels(args.labels)  # bad flags and paths fail before torch is imported
+    resolve_source(args.model)
+    from diffpress.eval.grid import save_grid
+    from diffpress.sampling import sample
+
     den = load(args.model)
     kw: dict = {}
     if den.cond_kind != "none":
@@ -126,11 +147,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from diffpress.loading import load
     from diffpress._io import check_writable
-    from diffpress.eval import evaluate
+    from diffpress.loading import load, resolve_source
 
     check_writable(args.out, args.force)
+    resolve_source(args.reference), resolve_source(args.candidate)
+    from diffpress.eval import evaluate
+
     ref, cand = load(args.reference), load(args.candidate)
     if ref.sample_shape != cand.sample_shape or ref.cond_kind != cand.cond_kind:
         raise DiffpressError(
@@ -144,10 +167,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from diffpress.recipes.runner import default_out, run_recipe
+    from diffpress._io import check_writable
+    from diffpress.loading import resolve_source
+
+    if args.model is not None:
+        resolve_source(args.model)  # a wrong path answers before torch is imported
+    if args.out is not None:
+        check_writable(args.out, args.force)
     from diffpress.recipes.schema import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)  # a bad recipe fails before the model is loaded
+    from diffpress.recipes.runner import default_out, run_recipe
+
     out = args.out if args.out is not None else default_out(recipe.name, args.model)
     _quiet_exporters()
     result = run_recipe(recipe, args.model, out, calibration=args.calibration, force=args.force,
@@ -172,10 +203,11 @@ def _run_folder_model(path: str) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from diffpress.loading import load
     from diffpress._io import check_writable
+    from diffpress.loading import load, resolve_source
 
     check_writable(args.out, args.force)
+    resolve_source(_run_folder_model(args.model))
     den = load(_run_folder_model(args.model))
     _quiet_exporters()
     if args.format == "onnx":
@@ -242,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (default: 21)")
-    p.add_argument("--batch", type=int, default=2,
+    p.add_argument("--batch", type=_positive, default=2,
                    help="example batch traced (ONNX keeps the batch dynamic; TorchScript fixes it) (default: 2)")
     p.set_defaults(func=cmd_export)
 
@@ -263,9 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample MODEL with a diffusers scheduler and write a PNG grid.")
     _add_model(p)
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    p.add_argument("--num", type=int, default=20, help="number of samples (default: 20)")
+    p.add_argument("--num", type=_positive, default=20, help="number of samples (default: 20)")
     p.add_argument("--labels", default=None, help="comma-separated class labels, e.g. 3,3,7 (default: 0..9 repeated)")
-    p.add_argument("--columns", type=int, default=10, help="images per grid row (default: 10)")
+    p.add_argument("--columns", type=_positive, default=10, help="images per grid row (default: 10)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     _add_sampling(p)
     p.set_defaults(func=cmd_sample)
@@ -276,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reference", help="zoo name or folder of the uncompressed model")
     p.add_argument("candidate", help="zoo name or folder of the model to measure")
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
-    p.add_argument("--samples", type=int, default=500, help="samples per model (default: 500)")
+    p.add_argument("--samples", type=_positive, default=500, help="samples per model (default: 500)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     _add_sampling(p)
     p.set_defaults(func=cmd_eval)
@@ -291,8 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     except DiffpressError as exc:
         print(f"diffpress: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused (full disk, permissions): no traceback, say what failed
+        print(f"diffpress: error: {exc.strerror or exc}: {exc.filename or ''}; nothing was written", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        # outputs are written atomically; only a calibration file named by --calibration is kept once saved
+        # outputs are written atomically; a collected calibration set is kept (--calibration, or beside the
+        # output for `run` to resume from; the runner names it)
         print("diffpress: interrupted; the output folder was not written", file=sys.stderr)
         return 130
     return 0

@@ -124,6 +124,9 @@ class Denoiser(nn.Module):
                 h, w = (side, side) if isinstance(side, int) else tuple(side)
                 self.sample_shape = (config.in_channels, h, w)
 
+        if len(self.sample_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in self.sample_shape):
+            raise DiffpressError(f"sample shape {self.sample_shape} is not three positive integers (C, H, W); "
+                                 "check sample_size / in_channels in the model's config.json, or pass sample_shape")
         if self.kind == "unet2d" and getattr(config, "num_class_embeds", None):
             default_cond = "class"
         self.cond_kind = cond_kind or ("hidden_states" if conditioner is not None else default_cond)
@@ -215,6 +218,12 @@ class Denoiser(nn.Module):
     def encode_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Class labels -> the ``cond`` this denoiser takes (labels themselves, or conditioner tokens)."""
         labels = torch.as_tensor(labels, dtype=torch.long)
+        if self.num_classes and labels.numel():
+            bad = [v for v in labels.reshape(-1).tolist() if not (0 <= v < self.num_classes or v == self.null_label)]
+            if bad:
+                raise DiffpressError(f"label {bad[0]} is out of range: this model has classes 0..{self.num_classes - 1}"
+                                     + (f" (and the null label {self.null_label})" if self.null_label is not None
+                                        else ""))
         if self.conditioner is not None:
             with torch.no_grad():
                 return self.conditioner(labels)

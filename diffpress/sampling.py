@@ -5,40 +5,12 @@ import inspect
 import warnings
 from dataclasses import dataclass, field
 
-import diffusers
 import torch
 from tqdm.auto import tqdm
 
 from diffpress.denoiser import Denoiser, eval_mode
 from diffpress.errors import DiffpressError
-
-SCHEDULERS: dict[str, str] = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-}
-
-
-def make_scheduler(denoiser: Denoiser, name: str | None = "ddim"):
-    """A fresh diffusers scheduler for ``denoiser``: ``name`` is a key of ``SCHEDULERS`` or ``None`` for
-    the scheduler the checkpoint shipped with. The model's own noise schedule and prediction type are kept.
-
-    >>> from diffpress import load
-    >>> type(make_scheduler(load("digits-unet"), "dpm++")).__name__
-    'DPMSolverMultistepScheduler'
-    """
-    config = dict(denoiser.scheduler_config or {})
-    if name is None:
-        cls_name = config.get("_class_name", "DDPMScheduler")
-    elif name in SCHEDULERS:
-        cls_name = SCHEDULERS[name]
-    else:
-        raise DiffpressError(f"unknown scheduler {name!r}; allowed: {', '.join(SCHEDULERS)}")
-    config["prediction_type"] = denoiser.prediction_type
-    return getattr(diffusers, cls_name).from_config(config)
-
+from diffpress.schedulers import SCHEDULERS, make_scheduler  # noqa: F401  (part of this module's API)
 
 @dataclass
 class Trajectory:
@@ -145,6 +117,8 @@ def sample(
         raise DiffpressError(f"this denoiser is conditional ({denoiser.cond_kind}); pass labels or cond")
     else:
         n = num_samples if num_samples is not None else 1
+    if n < 1:
+        raise DiffpressError(f"nothing to sample: asked for {n} samples; ask for at least one")
     use_cfg = guidance != 1.0 and cond is not None
     if use_cfg and uncond is None:
         uncond = denoiser.null_cond(n, like=cond)

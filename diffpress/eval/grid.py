@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from diffpress._io import atomic_file
+from diffpress.errors import DiffpressError
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -52,6 +53,10 @@ def save_grid(rows: list[tuple[str, torch.Tensor]], path: str | Path, force: boo
     >>> p.stat().st_size > 0
     True
     """
+    for title, images in rows:
+        if not torch.isfinite(images).all():
+            raise DiffpressError(f"the {title or 'sample'} images contain NaN or inf (the model diverged, or its weights "
+                                 f"are broken); {path} was not written")
     with atomic_file(path, force=force) as tmp:
         make_grid(rows, **kwargs).save(tmp, format="PNG")
     return Path(path)

@@ -101,13 +101,22 @@ def ort_session(path: str | Path, threads: int = 0, optimized_path: str | Path |
 
 
 def supported_opsets() -> range:
-    """The ONNX opsets ``export_onnx`` can target: 18 (the dynamo exporter's oldest) to onnxscript's newest."""
-    import onnxscript.onnx_opset
+    """The ONNX opsets ``export_onnx`` can target: 18 (the dynamo exporter's oldest) to onnxscript's newest.
 
-    newest = max(int(n[len("opset"):]) for n in dir(onnxscript.onnx_opset) if n[len("opset"):].isdigit())
-    return range(18, newest + 1)
+    Read from onnxscript's opset files when they are where this onnxscript keeps them (recipes are checked
+    without importing onnxscript, which takes seconds), else from the imported package.
+    """
+    import importlib.util
+    import re
 
+    spec = importlib.util.find_spec("onnxscript")
+    found = [int(m.group(1)) for loc in (spec.submodule_search_locations or []) if spec
+             for p in Path(loc, "onnx_opset", "_impl").glob("opset*.py") if (m := re.fullmatch(r"opset(\d+)\.py", p.name))]
+    if not found:
+        import onnxscript.onnx_opset
 
+        found = [int(n[len("opset"):]) for n in dir(onnxscript.onnx_opset) if n[len("opset"):].isdigit()]
+    return range(18, max(found) + 1)
 
 
 def export_onnx(

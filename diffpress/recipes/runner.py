@@ -128,14 +128,33 @@ def _check_reuse(cs: CalibrationSet, den: Denoiser, settings: dict[str, Any], fi
                              "another --calibration path, or make the recipe match (--set calibration.KEY=VALUE)")
 
 
+def resume_file(out: str | Path) -> Path:
+    """Where a run writing ``out`` keeps its calibration set until it completes, so that the same command run
+    again after an interruption or an error reuses it instead of collecting it anew.
+
+    >>> resume_file("runs/w8a8").as_posix()
+    'runs/.w8a8.calibration.safetensors'
+    """
+    out = Path(out)
+    return out.parent / f".{out.name}.calibration.safetensors"
+
+
 def _calibrate(den: Denoiser, cfg: CalibrationConfig, sampler: str | None, path: Path | None,
-               progress: bool) -> tuple[CalibrationSet, str]:
+               progress: bool, resume: bool = False) -> tuple[CalibrationSet, str]:
+    """Collect the calibration set, or reuse the one at ``path``. A user's file must fit the model and the
+    recipe; a ``resume`` file (an interrupted run's) that does not is collected anew."""
     settings = _calibration_settings(den, cfg, sampler)
     fingerprint = model_fingerprint(den)
     if path is not None and path.exists():
-        cs = CalibrationSet.load(path)
-        _check_reuse(cs, den, settings, fingerprint, path)
-        return cs, f"loaded from {path}"
+        try:
+            cs = CalibrationSet.load(path)
+            _check_reuse(cs, den, settings, fingerprint, path)
+            return cs, (f"resumed: reused {path}, collected by an interrupted run of the same command" if resume
+                        else f"loaded from {path}")
+        except DiffpressError:
+            if not resume:
+                raise
+            path.unlink()
     cs = collect(den, num_samples=cfg.samples, steps=cfg.steps, scheduler=sampler, guidance=cfg.guidance,
                  policy=cfg.policy, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
     cs.meta["model_fingerprint"] = fingerprint
@@ -246,6 +265,9 @@ def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None 
     if out is not None:
         check_writable(out, force)  # before any work
     cal_path = Path(calibration) if calibration is not None else None
+    resume = cal_path is None and out is not None and recipe.needs_calibration
+    if resume:
+        cal_path = resume_file(out)
     ev = recipe.evaluation
     onnx_cfg = next((e for e in recipe.exports if e.format == "onnx"), None)
     measure_ort = "ort_speed" in ev.metrics and onnx_cfg is not None
@@ -254,6 +276,21 @@ def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None 
              *[f"export {e.format}" for e in recipe.exports], *(["ort speed"] if measure_ort else []),
              *(["write"] if out is not None else [])]
     stages = _Stages(names, progress)
+    try:
+        result = _run(recipe, model, out, force, progress, cal_path, resume, stages, onnx_cfg, measure_ort)
+    except BaseException:
+        if resume and cal_path.exists():
+            print(f"diffpress: the calibration set is kept at {cal_path}; the same command reuses it "
+                  "(delete it to collect anew)", file=sys.stderr)
+        raise
+    if resume:
+        cal_path.unlink(missing_ok=True)  # the run is complete: nothing to resume
+    return result
+
+
+def _run(recipe: Recipe, model, out, force: bool, progress: bool, cal_path: Path | None, resume: bool,
+         stages: _Stages, onnx_cfg, measure_ort: bool) -> RunResult:
+    ev = recipe.evaluation
     folder = atomic_dir(out, force=force) if out is not None else tempfile.TemporaryDirectory(prefix="diffpress-run-")
     with folder as tmp, stages.bar:
         tmp = Path(tmp)
@@ -268,7 +305,7 @@ def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None 
         if recipe.needs_calibration:
             c = recipe.calibration
             with stages("calibrate", f"{c.samples} trajectories x {c.steps} steps ({cal_sched['class']})"):
-                cs, cal_source = _calibrate(reference, c, cal_sampler, cal_path, progress)
+                cs, cal_source = _calibrate(reference, c, cal_sampler, cal_path, progress, resume)
         compressed = reference.copy()
         pass_reports = []
         for i, step in enumerate(recipe.passes):

@@ -27,8 +27,8 @@ from diffpress.calibration.policies import TimestepPolicy
 from diffpress.errors import DiffpressError, check_allowed, check_at_least
 from diffpress.compress import registry
 from diffpress.recipes.passes import PassStep, check_order
-from diffpress.recipes.validate import RecipeError, Where, build, show_value, to_data
-from diffpress.sampling import SCHEDULERS
+from diffpress.recipes.validate import RecipeError, Where, build, load_yaml, show_value, to_data
+from diffpress.schedulers import SCHEDULERS
 
 VERSION = 1
 BUILTIN_DIR = Path(__file__).parent
@@ -189,7 +189,7 @@ def _find(source: str | Path) -> Path:
 
 def _read(path: Path) -> Any:
     try:
-        return yaml.safe_load(path.read_text())
+        return load_yaml(path.read_text(), str(path))
     except yaml.YAMLError as exc:
         raise DiffpressError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -222,7 +222,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise DiffpressError(f"--set {text}: expected KEY=VALUE, e.g. --set passes.0.weights=int4")
     try:
-        return key.strip(), yaml.safe_load(raw)
+        return key.strip(), load_yaml(raw, f"--set {text}")
     except yaml.YAMLError as exc:
         raise DiffpressError(f"--set {text}: the value is not valid YAML ({' '.join(str(exc).split())})") from None
 

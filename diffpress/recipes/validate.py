@@ -207,3 +207,72 @@ def to_data(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_data(v) for k, v in obj.items()}
     return obj
+
+
+# a recipe is a few dozen values: these bounds are far above any real one and far below what hurts
+MAX_YAML_BYTES = 1_000_000
+MAX_YAML_NODES = 50_000  # scalars, lists and mappings after aliases are expanded
+MAX_YAML_DEPTH = 32
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` with bounds: size, nesting depth and the size after aliases are expanded (a few lines
+    of nested anchors can stand for billions of values); recursive aliases are refused.
+
+    >>> load_yaml("a: &x [1, 2]\\nb: *x", "r.yaml")
+    {'a': [1, 2], 'b': [1, 2]}
+    >>> bomb = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\\n" + "".join(
+    ...     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\\n" for i in range(8))
+    >>> load_yaml(bomb, "bomb.yaml")
+    Traceback (most recent call last):
+    ...
+    diffpress.errors.DiffpressError: bomb.yaml: the YAML expands to more than 50000 values (through its aliases); a recipe needs a few dozen
+    """
+    import yaml
+
+    if len(text) > MAX_YAML_BYTES:
+        raise DiffpressError(f"{source}: {len(text):,} characters; a recipe is far smaller (limit {MAX_YAML_BYTES:,})")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node, source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_size(root: Any, source: str) -> None:
+    """Expanded node count and depth of a composed YAML node graph (shared nodes counted per use), memoized."""
+    import yaml
+
+    sizes: dict[int, tuple[int, int]] = {}  # id -> (expanded nodes, depth)
+    active: set[int] = set()
+
+    def visit(node: Any) -> tuple[int, int]:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise DiffpressError(f"{source}: a recursive alias (an anchor used inside itself); recipes cannot hold one")
+        active.add(key)
+        children: list = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        count, depth = 1, 0
+        for child in children:
+            c, d = visit(child)
+            count, depth = count + c, max(depth, d)
+            if count > MAX_YAML_NODES:
+                raise DiffpressError(f"{source}: the YAML expands to more than {MAX_YAML_NODES} values (through its "
+                                     "aliases); a recipe needs a few dozen")
+        if depth + 1 > MAX_YAML_DEPTH:
+            raise DiffpressError(f"{source}: the YAML nests deeper than {MAX_YAML_DEPTH} levels; a recipe needs a few")
+        active.discard(key)
+        sizes[key] = (count, depth + 1)
+        return sizes[key]
+
+    visit(root)

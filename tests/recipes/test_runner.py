@@ -119,13 +119,15 @@ def test_interrupted_or_failed_run_leaves_nothing(tiny_digits_dit, tmp_path, mon
     overrides = TINY if stage == "_export" else NO_EXPORTS
     with pytest.raises(exc):
         diffpress.run_recipe("fast", tiny_digits_dit, tmp_path / "out", overrides=overrides, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    # no output; only the calibration set is kept, named, for the same command to resume from
+    assert [p.name for p in tmp_path.iterdir()] == [runner.resume_file(tmp_path / "out").name]
     # with --force over an earlier result, the earlier result survives an interrupted run
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("earlier")
     with pytest.raises(exc):
         diffpress.run_recipe("fast", tiny_digits_dit, tmp_path / "out", overrides=overrides, force=True, progress=False)
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "keep.txt").read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [runner.resume_file(tmp_path / "out").name, "out"]
+    assert (tmp_path / "out" / "keep.txt").read_text() == "earlier"
 
 
 def test_existing_output_is_refused_before_any_work(tmp_path, monkeypatch):
@@ -163,3 +165,35 @@ def test_default_output_folder_is_one_plain_path_component():
 
     assert default_out("../../etc/x", "digits-cond-unet") == Path("diffpress-out/_.._etc_x-digits-cond-unet")
     assert default_out("w8a8", "/models/my unet") == Path("diffpress-out/w8a8-my_unet")
+
+
+def test_an_interrupted_run_resumes_from_its_calibration(tmp_path, monkeypatch, capsys):
+    """The calibration of a run that dies later is kept beside the output; the same command reuses it, and
+    a completed run leaves nothing of it behind."""
+    from diffpress.recipes import runner
+
+    tiny = ["calibration.samples=2", "calibration.steps=4", "calibration.policy.count=2", "evaluation.samples=2",
+            "evaluation.steps=3", "evaluation.metrics=[psnr]", "exports=[]"]
+    out = tmp_path / "run"
+    real = runner.evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        diffpress.run_recipe("fast", "digits-dit", out=out, overrides=tiny, progress=False)
+    kept = runner.resume_file(out)
+    assert kept.is_file() and not out.exists() and "the same command reuses it" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kept.name]  # nothing else left behind
+    monkeypatch.setattr(runner, "evaluate", real)
+    res = diffpress.run_recipe("fast", "digits-dit", out=out, overrides=tiny, progress=False)
+    assert res["calibration"]["source"].startswith("resumed: reused") and not kept.exists()
+    # a resume file that does not fit the recipe any more is collected anew, not an error
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(runner, "evaluate", interrupted)
+        diffpress.run_recipe("fast", "digits-dit", out=tmp_path / "b", overrides=tiny, progress=False)
+    monkeypatch.setattr(runner, "evaluate", real)
+    res = diffpress.run_recipe("fast", "digits-dit", out=tmp_path / "b",
+                               overrides=[*tiny, "calibration.samples=3"], progress=False)
+    assert res["calibration"]["source"].startswith("collected") and not runner.resume_file(tmp_path / "b").exists()
