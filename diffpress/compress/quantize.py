@@ -59,6 +59,11 @@ class QuantizeConfig:
     # move each layer's mean output error (measured on up to reconstruct.samples calibration points, 256 by
     # default) into its bias; costs one forward pass per corrected layer over those points
     bias_correction: bool = False
+    # how exported ONNX graphs store int4 weights: "int4" (INT4 initializers: half the bytes; ONNX Runtime has
+    # no int4 convolution kernel, so it dequantizes those weights at each call, and it fuses blocked int4
+    # linears into MatMulNBits) or "int8" (the int4 values in INT8 initializers: 8-bit size, but the integer
+    # QLinearConv / QLinearMatMul kernels run them; blocked weights stay INT4 for MatMulNBits)
+    int4_export: str = "int4"
 
     def __post_init__(self) -> None:
         if isinstance(self.reconstruct, dict):
@@ -75,6 +80,7 @@ class QuantizeConfig:
         check_allowed("act_rule", self.act_rule, RANGE_RULES)
         check_roles("skip_roles", self.skip_roles)
         check_allowed("skip_roles_weights", self.skip_roles_weights, ("int8", None))
+        check_allowed("int4_export", self.int4_export, ("int4", "int8"))
         if self.group_size is not None and self.group_size < 1:
             raise DiffpressError(f"group_size: must be a positive integer or null, got {self.group_size}")
         if self.timestep_groups < 1:
@@ -243,7 +249,8 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def _onnx_facts(model, record: dict[str, Any]) -> dict[str, Any]:
     """``io_spec.json`` facts of the exported graph (``quantized``, ``int4_initializers``), after storing the
-    int4 weights as INT4 initializers (opset 21 DequantizeLinear takes INT4 per axis and blocked).
+    int4 weights as INT4 initializers (opset 21 DequantizeLinear takes INT4 per axis and blocked); with
+    ``int4_export="int8"`` only the blocked ones (per-axis weights stay INT8, for the integer kernels).
 
     An int4 weight is an int8 constant that feeds only DequantizeLinear, possibly through the Reshape /
     Transpose that lay a blocked weight out (the exporter leaves those unfolded on large tensors: they
@@ -252,6 +259,7 @@ def _onnx_facts(model, record: dict[str, Any]) -> dict[str, Any]:
     nodes are dropped (they are 0: symmetric weights)."""
     if not any(layer["weight_bits"] == 4 for layer in record["layers"]):
         return {"quantized": True, "int4_initializers": 0}
+    per_axis = record["config"].get("int4_export", "int4") == "int4"
     import ml_dtypes
     import onnx_ir as ir
     from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -259,6 +267,8 @@ def _onnx_facts(model, record: dict[str, Any]) -> dict[str, Any]:
     count = 0
     for node in list(model.graph.all_nodes()):
         if node.op_type != "DequantizeLinear" or node.inputs[0] is None:
+            continue
+        if not per_axis and not node.attributes.get_int("block_size", 0):
             continue
         arr = _int8_constant(node.inputs[0])
         if arr is None or arr.min() < -8 or arr.max() > 7:

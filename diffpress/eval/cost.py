@@ -18,8 +18,11 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def bytes_on_disk(model: nn.Module) -> int:
-    """Size of the model's state dict serialized as safetensors (what ``save`` writes), in bytes."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    """Size of the model's state dict serialized as safetensors (what ``save`` writes), in bytes; low-bit
+    integer buffers count packed, as a denoiser's ``save_pretrained`` stores them."""
+    packed_state = getattr(model, "packed_state", None)
+    state = packed_state()[0] if packed_state is not None else {
+        k: v.detach().contiguous() for k, v in model.state_dict().items()}
     seen: dict[int, str] = {}
     for k in list(state):  # safetensors refuses shared storage; count each storage once
         ptr = state[k].data_ptr()

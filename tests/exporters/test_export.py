@@ -144,3 +144,15 @@ def test_int4_weights_are_int4_initializers_in_onnx_and_packed_on_disk(group_siz
     x, t, c = example_feed(q, 2, None, seed=3)
     with torch.no_grad():
         assert torch.equal(back(x, t, c), q(x, t, c))
+
+
+def test_int4_weights_can_export_as_int8_initializers_for_the_integer_kernels(tmp_path, make_quant_unet):
+    den = make_quant_unet(8)
+    cs = collect(den, num_samples=4, steps=6, policy=TimestepPolicy("uniform", count=3), progress=False)
+    quantize_(den, QuantizeConfig(weights="int4", int4_export="int8"), cs, progress=False)
+    res = export_onnx(den, tmp_path / "m")
+    model = onnx.load(str(tmp_path / "m" / "model.onnx"))
+    assert res.spec["int4_initializers"] == 0 and not any(t.data_type == onnx.TensorProto.INT4
+                                                          for t in model.graph.initializer)
+    assert res.ort_op_types.get("com.microsoft::QLinearConv", 0) + res.ort_op_types.get("QLinearConv", 0) >= 10
+    assert res.verification["passed"]
