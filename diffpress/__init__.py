@@ -47,7 +47,12 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from diffpress.sampling import SampleOutput, Trajectory, make_scheduler, sample
 
 
+_SUBPACKAGES = ("calibration", "compress", "eval", "exporters", "graph", "recipes", "runtime", "zoo")
+
+
 def __getattr__(name: str):
+    if name in _SUBPACKAGES:  # diffpress.zoo etc. without importing them first, as before the face was lazy
+        return importlib.import_module(f"diffpress.{name}")
     if name not in _LAZY:
         raise AttributeError(f"module 'diffpress' has no attribute {name!r}")
     module, _, attr = _LAZY[name].partition(":")

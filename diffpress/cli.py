@@ -23,6 +23,14 @@ EPILOG = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in the one form every diffpress error takes: ``diffpress: error: ...``, exit code 2."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"diffpress: error: {message} (see: {self.prog} --help)\n")
+
+
 def _at_least(minimum: int):
     """argparse type: an integer >= ``minimum``."""
     def parse(text: str) -> int:
@@ -161,6 +169,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
             f"{args.candidate} {cand.sample_shape}/{cand.cond_kind}")
     report = evaluate(ref, cand, num_samples=args.samples, steps=args.steps, scheduler=_scheduler(args.scheduler),
                       guidance=args.guidance, seed=args.seed, names=(str(args.reference), str(args.candidate)))
+    if not report["fidelity"]["candidate_finite"]:
+        raise DiffpressError(f"the samples of {args.candidate} contain NaN or inf (the model diverged, or its weights "
+                             f"are broken); {args.out} was not written")
     report.save(args.out, force=args.force)
     print(report.to_markdown())
     print(f"wrote {args.out}/report.json, report.md, grid.png")
@@ -208,6 +219,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     check_writable(args.out, args.force)
     resolve_source(_run_folder_model(args.model))
+    if args.format == "torchscript" and args.opset != 21:
+        raise DiffpressError("--opset applies to ONNX only; drop it for --format torchscript")
+    if args.format == "onnx":
+        from diffpress.exporters.onnx import supported_opsets
+
+        if args.opset not in supported_opsets():
+            ok = supported_opsets()
+            raise DiffpressError(f"opset {args.opset} is not supported: allowed {ok[0]} to {ok[-1]} (default 21)")
     den = load(_run_folder_model(args.model))
     _quiet_exporters()
     if args.format == "onnx":
@@ -240,12 +259,12 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="diffpress", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     from diffpress._version import __version__
 
     parser.add_argument("--version", action="version", version=f"diffpress {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     p = sub.add_parser("run", help="compress a model with a recipe: calibrate, compress, evaluate, export",
                        description="Run RECIPE on a model: calibrate, apply the passes, evaluate against the "

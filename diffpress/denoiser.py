@@ -26,7 +26,9 @@ SUPPORTED: dict[str, tuple[str, str]] = {
     "PixArtTransformer2DModel": ("pixart", "hidden_states"),
 }
 COND_KINDS = ("none", "class", "hidden_states")
-COMPRESSED_FORMAT = "diffpress.compressed/1"
+# /2: low-bit integer buffers packed in compressed.safetensors (its metadata says which); /1 still loads
+COMPRESSED_FORMAT = "diffpress.compressed/2"
+COMPRESSED_FORMATS = ("diffpress.compressed/1", COMPRESSED_FORMAT)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 

@@ -39,6 +39,8 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DiffpressError(f"{path} is not valid JSON ({exc}); the folder is damaged") from exc
+    except RecursionError:
+        raise DiffpressError(f"{path} nests too deeply to be a config; the folder is damaged") from None
     if not isinstance(data, dict):
         raise DiffpressError(f"{path} holds a JSON {type(data).__name__}, not an object (mapping); the folder is damaged")
     return data
@@ -53,13 +55,17 @@ def _load_model(folder: Path, weights: bool = True):
 
     config = _read_json(folder / "config.json")
     name = config.get("_class_name")
-    if name not in SUPPORTED:
+    if not isinstance(name, str) or name not in SUPPORTED:
         raise DiffpressError(
             f"{folder} holds a {name or 'model without _class_name'}, which diffpress does not support; "
             f"supported: {_supported_text()}")
     cls = getattr(diffusers, name)
     if not weights:
-        return cls.from_config(config).eval()
+        try:
+            return cls.from_config(config).eval()
+        except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
+            raise DiffpressError(f"could not build {name} from {folder}/config.json: {type(exc).__name__}: "
+                                 f"{exc}") from exc
     _check_safetensors(folder)
     try:
         model, info = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
@@ -107,7 +113,7 @@ def _load_scheduler_config(folder: Path, class_name: str | None) -> dict | None:
 def _load_conditioner(folder: Path, spec: list, weights: bool = True):
     from diffpress.zoo.conditioner import LabelEmbedding
 
-    if list(spec) != ["diffpress", "LabelEmbedding"]:
+    if not isinstance(spec, list) or spec != ["diffpress", "LabelEmbedding"]:
         raise DiffpressError(f"unsupported conditioner {spec} in {folder.parent}; supported: diffpress LabelEmbedding")
     if not weights:
         return LabelEmbedding.from_config(_read_json(folder / "config.json")).eval()
@@ -123,10 +129,10 @@ def _restore_compressed(den: Denoiser, path: Path) -> None:
 
     from diffpress._io import unpack_int
     from diffpress.compress import registry
-    from diffpress.denoiser import COMPRESSED_FORMAT
+    from diffpress.denoiser import COMPRESSED_FORMAT, COMPRESSED_FORMATS
 
     manifest = _read_json(path / "diffpress.json")
-    if not isinstance(manifest, dict) or manifest.get("format") != COMPRESSED_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in COMPRESSED_FORMATS:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise DiffpressError(f"{path}/diffpress.json has format {found!r}; this diffpress reads "
                              f"{COMPRESSED_FORMAT}: upgrade diffpress or re-run the compression")

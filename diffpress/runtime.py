@@ -14,8 +14,10 @@ it; nothing else is global. The mode says how those modules compute:
 - ``straight_through``: fake quantization with a straight-through gradient (learning the rounding).
 
 >>> ctx = RunContext()
->>> ctx.reset(steps=50); ctx.step, ctx.steps, ctx.runs
-(None, 50, 1)
+>>> ctx.reset(steps=50); ctx.at_step(0); ctx.step, ctx.steps, ctx.runs
+(0, 50, 1)
+>>> ctx.end(); ctx.step, ctx.steps
+(None, None)
 >>> with ctx.using(mode="plain"):
 ...     ctx.mode
 'plain'
@@ -55,6 +57,10 @@ class RunContext:
     def at_step(self, step: int) -> None:
         """The sampler is about to evaluate step ``step`` of ``steps``."""
         self.step = step
+
+    def end(self) -> None:
+        """The sampling run is over (or failed): outside a sampler there is no step index."""
+        self.t, self.step, self.steps = None, None, None
 
     @contextlib.contextmanager
     def using(self, **fields: Any) -> Iterator["RunContext"]:

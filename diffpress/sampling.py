@@ -56,10 +56,20 @@ def _run(denoiser: Denoiser, scheduler, x: torch.Tensor, gens: list[torch.Genera
          guidance: float, steps: int, record: bool, bar) -> tuple[torch.Tensor, Trajectory | None, int]:
     scheduler.set_timesteps(steps)
     x = x * scheduler.init_noise_sigma
-    use_cfg = uncond is not None
     step_kwargs = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    rec_t, rec_x = [], []
     denoiser.runtime.reset(steps=len(scheduler.timesteps))  # a new trajectory: cache hooks start afresh
+    try:
+        x, rec_t, rec_x = _steps(denoiser, scheduler, x, cond, uncond, guidance, record, bar, step_kwargs)
+    finally:
+        denoiser.runtime.end()  # outside a sampler again: no step index
+    traj = Trajectory(torch.stack(rec_t), torch.stack(rec_x), cond, uncond, guidance) if record else None
+    return x, traj, len(scheduler.timesteps)
+
+
+def _steps(denoiser: Denoiser, scheduler, x, cond, uncond, guidance: float, record: bool, bar, step_kwargs):
+    """The sampling loop: one denoiser call per step (both guidance branches in one batch)."""
+    use_cfg = uncond is not None
+    rec_t, rec_x = [], []
     for i, t in enumerate(scheduler.timesteps):
         denoiser.runtime.at_step(i)
         xin = scheduler.scale_model_input(x, t)
@@ -73,8 +83,7 @@ def _run(denoiser: Denoiser, scheduler, x: torch.Tensor, gens: list[torch.Genera
             pred = denoiser(xin, t, cond)
         x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
         bar.update(1)
-    traj = Trajectory(torch.stack(rec_t), torch.stack(rec_x), cond, uncond, guidance) if record else None
-    return x, traj, len(scheduler.timesteps)
+    return x, rec_t, rec_x
 
 
 def sample(

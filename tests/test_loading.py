@@ -205,3 +205,20 @@ def test_unsupported_conditioner(saved_unet, tmp_path):
                                                        "conditioner": ["transformers", "CLIPTextModel"]}))
     with pytest.raises(DiffpressError, match="unsupported conditioner .*CLIPTextModel.*supported: diffpress Label"):
         diffpress.load(pipe)
+
+
+def test_compressed_folders_of_the_previous_format_still_load(tmp_path):
+    """diffpress.compressed/1 (no packed buffers) loads; /2 is written now (int4 buffers packed)."""
+    import json
+
+    import diffpress
+
+    den = diffpress.load("digits-dit")
+    diffpress.quantize_(den, diffpress.QuantizeConfig(activations=None), progress=False)
+    den.save_pretrained(tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "diffpress.json").read_text())
+    assert manifest["format"] == "diffpress.compressed/2"
+    (tmp_path / "m" / "diffpress.json").write_text(json.dumps({**manifest, "format": "diffpress.compressed/1"}))
+    x, t, c = den.example_inputs(2, seed=2)
+    with torch.no_grad():
+        assert torch.equal(diffpress.load(tmp_path / "m")(x, t, c), den(x, t, c))

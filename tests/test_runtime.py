@@ -25,6 +25,7 @@ def test_sampler_sets_step_index_and_resets_per_run():
     assert all(s[4] == 4 for s in first)
     assert [s[:3] for s in second] == [(runs + 1, i, 3) for i in range(3)]  # a new run starts afresh
     assert first[0][3] > first[-1][3]  # timesteps run from high noise to low
+    assert (den.runtime.step, den.runtime.steps, den.runtime.t) == (None, None, None)  # outside a sampler again
     assert den.copy().runtime is not den.runtime and den.copy().runtime.runs == den.runtime.runs
 
 

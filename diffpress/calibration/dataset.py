@@ -104,9 +104,10 @@ class CalibrationSet:
                 cond = f.get_tensor("cond") if ("cond" in keys and not lazy) else None
                 if lazy:  # check the data section is whole before promising to stream it
                     f.get_slice("x")[len(t) - 1:len(t)]
-        except (SafetensorError, OSError) as exc:
+                meta = json.loads(md.get("meta", "{}"))
+        except (SafetensorError, OSError, ValueError) as exc:
             raise DiffpressError(f"{path} is corrupt or truncated ({exc}); collect the calibration set again") from exc
-        return cls(x, t, cond, step, json.loads(md.get("meta", "{}")), _path=path if lazy else None,
+        return cls(x, t, cond, step, meta if isinstance(meta, dict) else {}, _path=path if lazy else None,
                    _has_cond="cond" in keys)
 
 
@@ -166,8 +167,9 @@ def collect(
                 kw["cond"] = cond[lo:hi]
             else:
                 kw["num_samples"] = hi - lo
-            out = sample(denoiser, steps=steps, scheduler=scheduler, guidance=guidance, seed=seed + lo,
-                         batch_size=hi - lo, record=True, progress=False, **kw)
+            with denoiser.runtime.using(mode="calibrate"):
+                out = sample(denoiser, steps=steps, scheduler=scheduler, guidance=guidance, seed=seed + lo,
+                             batch_size=hi - lo, record=True, progress=False, **kw)
             traj = out.trajectory
             chosen = policy.select(len(traj)) if chosen is None else chosen
             for s in chosen:

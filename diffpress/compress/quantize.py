@@ -264,7 +264,7 @@ def _onnx_facts(model, record: dict[str, Any]) -> dict[str, Any]:
     import onnx_ir as ir
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-    count = 0
+    count, made = 0, {}
     for node in list(model.graph.all_nodes()):
         if node.op_type != "DequantizeLinear" or node.inputs[0] is None:
             continue
@@ -277,14 +277,17 @@ def _onnx_facts(model, record: dict[str, Any]) -> dict[str, Any]:
         if zp is not None and (zp.const_value is None or zp.const_value.numpy().any()):
             raise DiffpressError(f"int4 weight {node.inputs[0].name} has a non-zero zero point; symmetric int4 "
                                  "was expected")
-        name = f"{node.inputs[0].name}_int4"
-        value = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.INT4),
-                         const_value=ir.tensor(arr.astype(ml_dtypes.int4), dtype=ir.DataType.INT4, name=name))
-        model.graph.register_initializer(value)
-        node.replace_input_with(0, value)
+        source = node.inputs[0]
+        if id(source) not in made:  # one INT4 initializer per weight, however many nodes read it
+            name = f"{source.name}_int4"
+            made[id(source)] = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.INT4),
+                                        const_value=ir.tensor(arr.astype(ml_dtypes.int4), dtype=ir.DataType.INT4,
+                                                              name=name))
+            model.graph.register_initializer(made[id(source)])
+            count += 1
+        node.replace_input_with(0, made[id(source)])
         if zp is not None:
             node.replace_input_with(2, None)
-        count += 1
     RemoveUnusedNodesPass()(model)  # the int8 originals and their layout ops
     return {"quantized": True, "int4_initializers": count}
 
@@ -336,4 +339,5 @@ register(PassSpec(
     min_opset=lambda c: (21, "int4 weights need opset >= 21 (INT4 initializers, blocked DequantizeLinear)")
     if c.weights == "int4" else (0, ""),
     onnx_rewrite=_onnx_facts,
+    io_spec_defaults={"quantized": False, "int4_initializers": 0},
 ))

@@ -28,7 +28,7 @@ the ``diffpress.passes`` group, e.g. in its ``pyproject.toml``::
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from diffpress.errors import DiffpressError
@@ -73,7 +73,8 @@ class PassSpec:
     - ``min_opset(config)``: ``(opset, why)``, the oldest ONNX opset that can express the pass with this
       config and a sentence saying why (``(0, "")``: any).
     - ``onnx_rewrite(model, record)``: edits the exported ``onnx_ir`` model in place (e.g. retypes integer
-      initializers) and returns facts for ``io_spec.json``.
+      initializers) and returns facts for ``io_spec.json``; ``io_spec_defaults`` are those facts for an
+      artifact the pass did not touch (every ONNX ``io_spec.json`` carries them, e.g. ``quantized: false``).
     - ``export_plan(plan, denoiser, record)``: adds graphs or files to an export plan (several graphs,
       a schedule file ...); see :mod:`diffpress.exporters.plan`.
     - ``summary(report)``: the lines reports show for the pass.
@@ -93,6 +94,7 @@ class PassSpec:
     onnx_ops: tuple[str, ...] = ()
     min_opset: Callable[[Any], tuple[int, str]] = _no_opset
     onnx_rewrite: Callable[[Any, dict], dict] | None = None
+    io_spec_defaults: dict[str, Any] = field(default_factory=dict)
     export_plan: Callable[[Any, "Denoiser", dict], None] | None = None
     summary: Callable[[Any], str] = _summary
 
@@ -104,10 +106,14 @@ class PassSpec:
 PASSES: dict[str, PassSpec] = {}
 
 
-def register(spec: PassSpec) -> PassSpec:
-    """Make ``spec`` known to recipes, ``diffpress.load``, the exporters and the reports; returns it."""
+def register(spec: PassSpec, *, replace: bool = False) -> PassSpec:
+    """Make ``spec`` known to recipes, ``diffpress.load``, the exporters and the reports; returns it. A name
+    already taken by another pass needs ``replace=True``."""
     if not isinstance(spec, PassSpec):
         raise DiffpressError(f"register() takes a PassSpec, got {type(spec).__name__}")
+    if spec.name in PASSES and PASSES[spec.name] is not spec and not replace:
+        raise DiffpressError(f"a pass named {spec.name!r} is already registered; pick another name, or pass "
+                             "replace=True to replace it")
     if not dataclasses.is_dataclass(spec.config):
         raise DiffpressError(f"pass {spec.name!r}: its config must be a dataclass (the recipe schema reads its fields)")
     PASSES[spec.name] = spec
@@ -119,7 +125,11 @@ def _from_entry_point(name: str) -> PassSpec | None:
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
-            loaded = ep.load()  # importing the module registers the pass; a PassSpec object is registered here
+            try:
+                loaded = ep.load()  # importing the module registers the pass; a PassSpec object is registered here
+            except Exception as exc:  # noqa: BLE001 - a broken plugin is named, not a traceback
+                raise DiffpressError(f"the pass {name!r} comes from entry point {ep.value!r}, which failed to import "
+                                     f"({type(exc).__name__}: {exc}); fix or uninstall that package") from exc
             if isinstance(loaded, PassSpec):
                 register(loaded)
             return PASSES.get(name)
@@ -167,6 +177,11 @@ def simulation_notes(records: list[dict[str, Any]]) -> list[str]:
 def export_rtol(records: list[dict[str, Any]]) -> float:
     """The tolerance an export of a model with these passes is verified at: the loosest one declared."""
     return max([FLOAT_RTOL, *(s.export_rtol for s, _ in specs(records))])
+
+
+def io_spec_defaults() -> dict[str, Any]:
+    """The ``io_spec.json`` facts every registered pass declares for an artifact it did not touch."""
+    return {k: v for spec in PASSES.values() for k, v in spec.io_spec_defaults.items()}
 
 
 def min_opset(records: list[dict[str, Any]]) -> tuple[int, str]:

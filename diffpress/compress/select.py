@@ -24,7 +24,7 @@ from torch import nn
 
 from diffpress.errors import check_allowed
 from diffpress.graph.capture import Graph, Layer
-from diffpress.graph.roles import ROLES
+from diffpress.graph.roles import LAYER_ROLES
 
 # what a rule that skipped a layer was: passes may treat some rules differently (e.g. weight-only int8
 # for layers kept away by role)
@@ -34,7 +34,7 @@ RULES = ("op", "type", "shared", "role", "glob", "pass")
 def check_roles(key: str, roles: Iterable[str]) -> None:
     """Raise a :class:`~diffpress.DiffpressError` naming ``key`` if a role is not in the vocabulary."""
     for role in roles:
-        check_allowed(key, role, ROLES)
+        check_allowed(key, role, LAYER_ROLES)
 
 
 def matches(name: str, patterns: Iterable[str]) -> str | None:

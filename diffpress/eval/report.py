@@ -149,13 +149,15 @@ def evaluate(
     cand_out = sample(candidate, **kw)
     notes: list[str] = []
     ref_img, cand_img = ref_out.images, cand_out.images
-    if not torch.isfinite(cand_img).all():
+    candidate_finite = bool(torch.isfinite(cand_img).all())
+    if not candidate_finite:
         notes.append("candidate samples contain NaN/inf: the candidate diverged; fidelity figures are not meaningful")
         cand_img = torch.nan_to_num(cand_img, nan=0.0, posinf=1.0, neginf=-1.0)
     psnr = metrics.psnr(ref_img, cand_img)
     fidelity = {
         "psnr_db": None if math.isinf(psnr) else psnr,
         "identical_samples": math.isinf(psnr),
+        "candidate_finite": candidate_finite,  # False: NaN/inf samples, replaced to compute the figures
         "ssim": metrics.ssim(ref_img, cand_img),
         "max_abs_diff": float((ref_img - cand_img).abs().max()),
     }

@@ -110,7 +110,9 @@ def supported_opsets() -> range:
     import re
 
     spec = importlib.util.find_spec("onnxscript")
-    found = [int(m.group(1)) for loc in (spec.submodule_search_locations or []) if spec
+    if spec is None:
+        raise DiffpressError("onnxscript is not installed; the ONNX exporter needs it: pip install onnxscript")
+    found = [int(m.group(1)) for loc in (spec.submodule_search_locations or [])
              for p in Path(loc, "onnx_opset", "_impl").glob("opset*.py") if (m := re.fullmatch(r"opset(\d+)\.py", p.name))]
     if not found:
         import onnxscript.onnx_opset
@@ -158,7 +160,8 @@ def export_onnx(
     trace_batch = max(batch, 2) if dynamic_batch else batch
     big = sum(p.numel() for p in denoiser.parameters()) > 100_000_000
     with atomic_dir(out_dir, force=force) as tmp:
-        entries, facts, all_ops, all_ort_ops = [], {}, Counter(), Counter()
+        entries, facts, all_ops, all_ort_ops = [], registry.io_spec_defaults(), Counter(), Counter()
+        touched: set[str] = set()
         for graph in plan.graphs:
             args = graph.example(trace_batch, 0)
             path = tmp / f"{graph.name}.onnx"
@@ -168,7 +171,8 @@ def export_onnx(
                 if spec.onnx_rewrite is not None:
                     for key, value in spec.onnx_rewrite(program.model, record).items():
                         summed = isinstance(value, int) and not isinstance(value, bool)  # counts add up over graphs
-                        facts[key] = facts.get(key, 0) + value if summed else value
+                        facts[key] = facts.get(key, 0) + value if summed and key in touched else value
+                        touched.add(key)
             program.save(str(path), external_data=big)
             ops = _op_counts(onnx.load(str(path), load_external_data=False))
             all_ops.update(ops)

@@ -143,7 +143,7 @@ def write_io_spec(folder: Path, plan: ExportPlan, *, runtime: str, graphs: list[
     }
     checks = [c for g in graphs for c in g["verification"].get("checks", [])]
     if checks:
-        spec["verification"] = {"rtol": plan.rtol if rtol is None else rtol, "checks": checks,
+        spec["verification"] = {"runtime": runtime, "rtol": plan.rtol if rtol is None else rtol, "checks": checks,
                                 "rel_rms_diff": max(c["rel_rms_diff"] for c in checks),
                                 "passed": all(g["verification"]["passed"] for g in graphs)}
     for name, text in plan.files.items():

@@ -17,9 +17,11 @@ from torch import fx
 
 aten = torch.ops.aten
 
-# every role :func:`layer_roles` can give a layer; passes select and skip layers by these names
+# every role :func:`layer_roles` can give a compute node; passes select and skip layers by these names
+# (``attention`` marks the attention product itself, which no pass rewrites: LAYER_ROLES are the others)
 ROLES = ("time_embedding", "cond_projection", "first", "last", "attn_q", "attn_k", "attn_v", "attn_out",
          "shortcut", "attention", "body")
+LAYER_ROLES = tuple(r for r in ROLES if r != "attention")
 
 # ops that move or reshape data without mixing values across tokens/channels in a way that matters here
 _RESHAPE = {

@@ -232,6 +232,7 @@ def load_yaml(text: str, source: str) -> Any:
 
     if len(text) > MAX_YAML_BYTES:
         raise DiffpressError(f"{source}: {len(text):,} characters; a recipe is far smaller (limit {MAX_YAML_BYTES:,})")
+    _check_nesting(text, source)  # event by event: composing a deep document would recurse first
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -239,8 +240,25 @@ def load_yaml(text: str, source: str) -> Any:
             return None
         _check_size(node, source)
         return loader.construct_document(node)
+    except RecursionError:
+        raise DiffpressError(f"{source}: the YAML nests too deeply; a recipe needs a few levels") from None
     finally:
         loader.dispose()
+
+
+def _check_nesting(text: str, source: str) -> None:
+    """Nesting depth from the parser's event stream (iterative, so any depth is safe to measure)."""
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise DiffpressError(f"{source}: the YAML nests deeper than {MAX_YAML_DEPTH} levels; a recipe needs "
+                                     "a few")
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
 
 
 def _check_size(root: Any, source: str) -> None:

@@ -183,3 +183,20 @@ def test_no_module_imports_the_package_face_and_exporters_import_nothing_private
                     (node.module or "").startswith("diffpress.compress"):
                 assert not any(a.name.startswith("_") for a in node.names) and \
                     not any(part.startswith("_") for part in node.module.split(".")), f"{path}: {node.module}"
+
+
+def test_a_broken_plugin_or_a_taken_name_is_a_clear_error(plugin_dir, tmp_path, monkeypatch):
+    root = tmp_path / "site"
+    root.mkdir()
+    (root / "broken_plugin.py").write_text("raise ImportError('missing dependency foo')\n")
+    info = root / "broken_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[diffpress.passes]\nbroken = broken_plugin\n")
+    monkeypatch.syspath_prepend(str(root))
+    with pytest.raises(DiffpressError, match="entry point 'broken_plugin', which failed to import .*missing dependency"):
+        registry.get("broken")
+    quantize = registry.get("quantize")
+    with pytest.raises(DiffpressError, match="a pass named 'quantize' is already registered"):
+        registry.register(registry.PassSpec("quantize", quantize.config, quantize.apply))
+    assert registry.get("quantize") is quantize
