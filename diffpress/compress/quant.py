@@ -201,7 +201,7 @@ class _QuantWeights:
 
     def packed_buffers(self) -> dict[str, int]:
         """Integer buffers (name -> bits) that hold ``bits``-bit values in int8 storage."""
-        if self.bits >= 8:
+        if self.bits != 4:
             return {}
         return {n: self.bits for n, _ in self.named_buffers(recurse=False) if n.startswith("weight_q")}
 

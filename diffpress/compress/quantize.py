@@ -64,6 +64,9 @@ class QuantizeConfig:
     # linears into MatMulNBits) or "int8" (the int4 values in INT8 initializers: 8-bit size, but the integer
     # QLinearConv / QLinearMatMul kernels run them; blocked weights stay INT4 for MatMulNBits)
     int4_export: str = "int4"
+    # int8 weights on 7 bits (|q| <= 63), ONNX Runtime's `reduce_range`: x86 CPUs without VNNI (AVX2) run its
+    # u8 x s8 integer kernels through VPMADDUBSW, whose int16 pair sums saturate with full-range weights
+    reduce_range: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.reconstruct, dict):
@@ -90,7 +93,9 @@ class QuantizeConfig:
 
     @property
     def weight_bits(self) -> int:
-        return int(self.weights[3:])
+        """Bits of the weight grid: 8 or 4, 7 for int8 with ``reduce_range``."""
+        bits = int(self.weights[3:])
+        return 7 if bits == 8 and self.reduce_range else bits
 
 
 @dataclass

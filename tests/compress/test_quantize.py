@@ -114,3 +114,22 @@ def test_role_skipped_layers_can_keep_int8_weights(setup, tmp_path):
     assert _rel_err(q(x, t, c), den(x, t, c)) < 0.02
     q.save_pretrained(tmp_path / "q")
     assert torch.equal(diffpress.load(tmp_path / "q")(x, t, c), q(x, t, c))
+
+
+def test_reduce_range_keeps_int8_weights_on_7_bits(tmp_path):
+    """ONNX Runtime's reduce_range: |q| <= 63, so u8 x s8 pair sums fit int16 on AVX2 CPUs without VNNI."""
+    import diffpress
+
+    den = diffpress.load("digits-dit")
+    q = den.copy()
+    report = diffpress.quantize_(q, QuantizeConfig(reduce_range=True, activations=None), progress=False)
+    assert {s["weight_bits"] for s in report.quantized} == {7}
+    ints = [b for n, b in q.named_buffers() if n.rsplit(".", 1)[-1].startswith("weight_q")]
+    assert ints and max(int(b.abs().max()) for b in ints) == 63
+    x, t, c = den.example_inputs(2, seed=1)
+    with torch.no_grad():
+        ref, out = den(x, t, c), q(x, t, c)
+    assert float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()) < 0.05
+    q.save_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(diffpress.load(tmp_path / "m")(x, t, c), out)
