@@ -15,9 +15,9 @@ True
 """
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from diffpress._lazy import lazy_getattr
 from diffpress._version import __version__
 from diffpress.errors import DiffpressError
 
@@ -47,18 +47,9 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from diffpress.sampling import SampleOutput, Trajectory, make_scheduler, sample
 
 
-_SUBPACKAGES = ("calibration", "compress", "eval", "exporters", "graph", "recipes", "runtime", "zoo")
-
-
-def __getattr__(name: str):
-    if name in _SUBPACKAGES:  # diffpress.zoo etc. without importing them first, as before the face was lazy
-        return importlib.import_module(f"diffpress.{name}")
-    if name not in _LAZY:
-        raise AttributeError(f"module 'diffpress' has no attribute {name!r}")
-    module, _, attr = _LAZY[name].partition(":")
-    value = getattr(importlib.import_module(module), attr or name)
-    globals()[name] = value
-    return value
+# diffpress.zoo etc. work without importing them first, as before the face was lazy
+__getattr__ = lazy_getattr(__name__, _LAZY, submodules=(
+    "calibration", "compress", "eval", "exporters", "graph", "recipes", "runtime", "zoo"))
 
 
 def __dir__() -> list[str]:

@@ -218,16 +218,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     from diffpress.loading import load, resolve_source
 
     check_writable(args.out, args.force)
-    resolve_source(_run_folder_model(args.model))
+    source = resolve_source(_run_folder_model(args.model))
     if args.format == "torchscript" and args.opset != 21:
         raise DiffpressError("--opset applies to ONNX only; drop it for --format torchscript")
     if args.format == "onnx":
-        from diffpress.exporters.onnx import supported_opsets
+        from diffpress.exporters.onnx import check_opset
 
-        if args.opset not in supported_opsets():
-            ok = supported_opsets()
-            raise DiffpressError(f"opset {args.opset} is not supported: allowed {ok[0]} to {ok[-1]} (default 21)")
-    den = load(_run_folder_model(args.model))
+        check_opset(args.opset)  # before the model loads
+    den = load(source)
     _quiet_exporters()
     if args.format == "onnx":
         from diffpress.exporters import export_onnx

@@ -260,7 +260,7 @@ def _onnx_facts(model, record: dict[str, Any]) -> dict[str, Any]:
     An int4 weight is an int8 constant that feeds only DequantizeLinear, possibly through the Reshape /
     Transpose that lay a blocked weight out (the exporter leaves those unfolded on large tensors: they
     are folded here), and holds values in [-8, 7]. An int8 weight always holds +-127 in each channel (its
-    scale is the channel's max / 127), so only the int4 layers' weights qualify. Zero points of those
+    scale is the channel's max / 127; +-63 with ``reduce_range``), so only the int4 layers' weights qualify. Zero points of those
     nodes are dropped (they are 0: symmetric weights)."""
     if not any(layer["weight_bits"] == 4 for layer in record["layers"]):
         return {"quantized": True, "int4_initializers": 0}
@@ -298,8 +298,8 @@ def _onnx_facts(model, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _int8_constant(value):
-    """The numpy value of ``value`` if it is an INT8 constant, possibly reached through Reshape / Transpose of
-    one, and only DequantizeLinear nodes read it; else None."""
+    """The numpy value of ``value`` if it is an INT8 constant read only by DequantizeLinear nodes, or reached from
+    one through single-use Reshape / Transpose nodes; else None."""
     import onnx_ir as ir
 
     chain = []

@@ -121,6 +121,13 @@ def supported_opsets() -> range:
     return range(18, max(found) + 1)
 
 
+def check_opset(opset: int) -> None:
+    """Raise :class:`DiffpressError` unless ``export_onnx`` can write ``opset`` (see :func:`supported_opsets`)."""
+    if opset not in supported_opsets():
+        raise DiffpressError(f"opset {opset} is not supported: torch.onnx's dynamo exporter needs >= 18 and this "
+                             f"onnxscript knows up to {supported_opsets()[-1]} (default 21)")
+
+
 def export_onnx(
     denoiser: Denoiser,
     out_dir: str | Path,
@@ -148,9 +155,7 @@ def export_onnx(
     """
     import onnx
 
-    if opset not in supported_opsets():
-        raise DiffpressError(f"opset {opset} is not supported: torch.onnx's dynamo exporter needs >= 18 and this "
-                             f"onnxscript knows up to {supported_opsets()[-1]} (default 21)")
+    check_opset(opset)
     plan = build_plan(denoiser, sample_shape)
     need, why = plan.min_opset
     if opset < need:
@@ -160,8 +165,7 @@ def export_onnx(
     trace_batch = max(batch, 2) if dynamic_batch else batch
     big = sum(p.numel() for p in denoiser.parameters()) > 100_000_000
     with atomic_dir(out_dir, force=force) as tmp:
-        entries, facts, all_ops, all_ort_ops = [], registry.io_spec_defaults(), Counter(), Counter()
-        touched: set[str] = set()
+        entries, facts, all_ops, all_ort_ops = [], {}, Counter(), Counter()
         for graph in plan.graphs:
             args = graph.example(trace_batch, 0)
             path = tmp / f"{graph.name}.onnx"
@@ -171,8 +175,7 @@ def export_onnx(
                 if spec.onnx_rewrite is not None:
                     for key, value in spec.onnx_rewrite(program.model, record).items():
                         summed = isinstance(value, int) and not isinstance(value, bool)  # counts add up over graphs
-                        facts[key] = facts.get(key, 0) + value if summed and key in touched else value
-                        touched.add(key)
+                        facts[key] = facts.get(key, 0) + value if summed else value
             program.save(str(path), external_data=big)
             ops = _op_counts(onnx.load(str(path), load_external_data=False))
             all_ops.update(ops)
@@ -193,7 +196,8 @@ def export_onnx(
                                      f"{' or '.join(alternatives)} nodes, but the exported graphs have none; "
                                      "its rewritten layers were lost in export")
         spec = write_io_spec(tmp, plan, runtime="onnxruntime", graphs=entries, rtol=rtol,
-                             extra={"opset": opset, "dynamic_batch": dynamic_batch, **facts})
+                             extra={"opset": opset, "dynamic_batch": dynamic_batch, **registry.io_spec_defaults(),
+                                    **facts})
         result = ExportResult(Path(out_dir), spec, spec.get("verification", {}), dict(sorted(all_ops.items())),
                               dict(sorted(all_ort_ops.items())))
     return result
