@@ -1,8 +1,9 @@
-"""Denoiser: one calling convention, ``denoiser(x_t, t, cond=None) -> prediction``, over every model kind.
+"""Denoiser: one calling convention, ``denoiser(x_t, t, cond=None) -> prediction``, over every model family.
 
-Supported: diffusers ``UNet2DModel`` (cond: optional class labels), ``UNet2DConditionModel`` (cond:
-encoder hidden states), ``DiTTransformer2DModel`` (cond: class labels), ``PixArtTransformer2DModel``
-(cond: text encoder states), and any ``nn.Module`` whose forward is ``(x, t, cond)``.
+How each family is called lives in its adapter (:mod:`diffpress.adapters`): diffusers UNet2DModel,
+UNet2DConditionModel (SD, SDXL), DiT, PixArt, SD3, Flux, Sana, AuraFlow, HunyuanDiT, and any ``nn.Module``
+whose forward is ``(x, t, cond)``. ``cond`` is one tensor (class labels, or text hidden states) or, for
+families with several conditioning inputs (SDXL, SD3, Flux, HunyuanDiT), a dict of them.
 """
 from __future__ import annotations
 
@@ -15,21 +16,15 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from diffpress.adapters.base import Part
 from diffpress.errors import DiffpressError
 from diffpress.runtime import RunContext
 
-# diffusers class name -> (kind, conditioning kind)
-SUPPORTED: dict[str, tuple[str, str]] = {
-    "UNet2DModel": ("unet2d", "none"),
-    "UNet2DConditionModel": ("unet2d_condition", "hidden_states"),
-    "DiTTransformer2DModel": ("dit", "class"),
-    "PixArtTransformer2DModel": ("pixart", "hidden_states"),
-}
 COND_KINDS = ("none", "class", "hidden_states")
 # /2: low-bit integer buffers packed in compressed.safetensors (its metadata says which); /1 still loads
 COMPRESSED_FORMAT = "diffpress.compressed/2"
 COMPRESSED_FORMATS = ("diffpress.compressed/1", COMPRESSED_FORMAT)
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")  # flow: the velocity of rectified flow
 
 
 def _scheduler_config(scheduler: Any) -> dict | None:
@@ -59,17 +54,15 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
-def _supported_text() -> str:
-    return ", ".join(SUPPORTED) + ", or any nn.Module with forward(x, t, cond)"
-
-
 class Denoiser(nn.Module):
     """A denoiser with one calling convention and the facts the passes need.
 
-    ``prediction_type`` is what the model predicts (``epsilon``, ``v_prediction`` or ``sample``),
-    ``sample_shape`` the ``(C, H, W)`` of ``x_t``, ``cond_kind`` one of ``none``, ``class`` (integer
-    labels) or ``hidden_states`` (``(B, tokens, dim)``). A ``conditioner`` (labels -> hidden states)
-    lets a hidden-states model be driven by class labels, with a null label for guidance.
+    ``prediction_type`` is what the model predicts (``epsilon``, ``v_prediction``, ``sample``, or ``flow``
+    for rectified-flow velocity), ``sample_shape`` the ``(C, H, W)`` of ``x_t``, ``cond_kind`` one of
+    ``none``, ``class`` (integer labels) or ``hidden_states`` (text states, with ``parts`` naming each
+    conditioning input: one tensor, or a dict of them for SDXL / SD3 / Flux / HunyuanDiT). The family's
+    adapter (``adapter``) does the calling. A ``conditioner`` (labels -> hidden states) lets a hidden-states
+    model be driven by class labels, with a null label for guidance.
 
     >>> from diffusers import UNet2DModel
     >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8),
@@ -98,80 +91,85 @@ class Denoiser(nn.Module):
         # where the denoiser is in a sampling run: set by the sampler and forward, read by modules passes install
         self.runtime = RunContext()
         self.compression: list[dict[str, Any]] = []  # one record per applied pass, enough to rebuild the modules
+        from diffpress.adapters import for_model
+
+        self.adapter = for_model(model)
+        self.kind = self.adapter.name
         name = type(model).__name__
         config = getattr(model, "config", None)
-        if name in SUPPORTED and config is not None:
-            self.kind, default_cond = SUPPORTED[name]
-        else:
-            self.kind, default_cond = "module", "none"
         self.scheduler_config = _scheduler_config(scheduler_config)
-        self.prediction_type = (prediction_type
-                                or (self.scheduler_config or {}).get("prediction_type") or "epsilon")
+        self.prediction_type = (prediction_type or (self.scheduler_config or {}).get("prediction_type")
+                                or self.adapter.prediction_type)
         if self.prediction_type not in PREDICTION_TYPES:
             raise DiffpressError(f"unknown prediction_type {self.prediction_type!r}; allowed: {PREDICTION_TYPES}")
+        if (self.prediction_type == "flow") != (self.adapter.prediction_type == "flow") and self.kind != "module":
+            family = "a flow-matching" if self.adapter.prediction_type == "flow" else "a Gaussian-diffusion"
+            raise DiffpressError(f"{name} is {family} model; prediction_type {self.prediction_type!r} does not fit it")
 
-        if self.kind == "module":
-            if sample_shape is None:
-                raise DiffpressError(
-                    f"{name} is not a diffusers model, so diffpress cannot read its input shape; "
-                    "pass sample_shape=(C, H, W) (and cond_kind / cond_shape if it is conditional)")
-            self.sample_shape = tuple(sample_shape)
-        else:
-            side = config.sample_size
-            if sample_shape is not None:
-                self.sample_shape = tuple(sample_shape)
-            elif side is None:
-                raise DiffpressError(f"{name} has no sample_size in its config; pass sample_shape=(C, H, W)")
-            else:
-                h, w = (side, side) if isinstance(side, int) else tuple(side)
-                self.sample_shape = (config.in_channels, h, w)
-
+        shape = sample_shape or self.adapter.sample_shape(model)
+        if shape is None:
+            raise DiffpressError(
+                f"{name} {'is not a diffusers model' if self.kind == 'module' else 'has no sample_size in its config'}"
+                ", so diffpress cannot read its input shape; pass sample_shape=(C, H, W)"
+                + (" (and cond_kind / cond_shape if it is conditional)" if self.kind == "module" else ""))
+        self.sample_shape = tuple(shape)
         if len(self.sample_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in self.sample_shape):
             raise DiffpressError(f"sample shape {self.sample_shape} is not three positive integers (C, H, W); "
                                  "check sample_size / in_channels in the model's config.json, or pass sample_shape")
-        if self.kind == "unet2d" and getattr(config, "num_class_embeds", None):
-            default_cond = "class"
-        self.cond_kind = cond_kind or ("hidden_states" if conditioner is not None else default_cond)
+
+        # the conditioning inputs by name: the family's (adapter), a conditioner's states, or the user's declaration
+        self.num_classes, self.null_label = self.adapter.labels(model) if self.kind != "module" else (None, None)
+        if conditioner is not None:
+            c = conditioner.config
+            self.parts = {"encoder_hidden_states": Part(tuple(cond_shape or (c.num_tokens, c.dim)))}
+            self.num_classes, self.null_label = num_classes or c.num_classes, conditioner.null_label
+        elif cond_kind is not None or cond_shape is not None:
+            self.parts = self._declared_parts(cond_kind or "hidden_states", cond_shape)
+        else:
+            self.parts = self.adapter.parts(model, self.sample_shape)
+        if num_classes is not None and conditioner is None:
+            if self.kind == "unet2d" and self.num_classes and num_classes < self.num_classes:
+                self.null_label = num_classes  # a class-embedding UNet trained with a null class says so via num_classes
+            elif self.kind == "module":
+                self.null_label = num_classes  # a plain module's declared convention: label num_classes = no label
+            self.num_classes = num_classes
+        labels = [p for p in self.parts.values() if p.null == "label"]
+        self.cond_kind = "none" if not self.parts else ("class" if labels and conditioner is None else "hidden_states")
         if self.cond_kind not in COND_KINDS:
             raise DiffpressError(f"unknown cond_kind {self.cond_kind!r}; allowed: {COND_KINDS}")
-
-        # null_label: the label index that means "no condition" (classifier-free guidance), if the model has one
-        self.num_classes, self.null_label = num_classes, None
-        if conditioner is not None:
-            self.num_classes = num_classes or conditioner.config.num_classes
-            self.null_label = conditioner.null_label
-        elif self.kind == "dit":  # diffusers DiT keeps a CFG embedding at index num_embeds_ada_norm
-            self.num_classes = num_classes or config.num_embeds_ada_norm
-            self.null_label = config.num_embeds_ada_norm
-        elif self.kind == "unet2d" and self.cond_kind == "class":
-            # a class-embedding UNet has a null class only if it was trained with one: say so via num_classes
-            if num_classes is not None and num_classes < config.num_class_embeds:
-                self.null_label = num_classes
-            self.num_classes = num_classes or config.num_class_embeds
-        elif self.kind == "module" and self.cond_kind == "class" and num_classes is not None:
-            self.null_label = num_classes  # a plain module's declared convention: label num_classes = no label
-        self.cond_shape = tuple(cond_shape) if cond_shape else self._default_cond_shape()
-        # diffusers DiT/PixArt with learned sigma return 2*C channels; the prediction is the first C
+        # diffusers DiT/PixArt/HunyuanDiT with learned sigma return 2*C channels; the prediction is the first C
         out_channels = getattr(config, "out_channels", None) if config is not None else None
-        self._split_sigma = bool(out_channels and out_channels == 2 * self.sample_shape[0])
+        self._split_sigma = bool(out_channels and out_channels == 2 * self.sample_shape[0]
+                                 or getattr(config, "learn_sigma", False))
 
-    def _default_cond_shape(self) -> tuple[int, ...]:
-        if self.cond_kind == "none":
-            return ()
-        if self.cond_kind == "class":
-            return ()
-        if self.conditioner is not None:
-            c = self.conditioner.config
-            return (c.num_tokens, c.dim)
-        config = getattr(self.model, "config", None)
-        if self.kind == "unet2d_condition":
-            return (77, config.cross_attention_dim)
-        if self.kind == "pixart":
-            return (120, config.caption_channels or config.cross_attention_dim)
-        raise DiffpressError("cond_kind='hidden_states' needs cond_shape=(tokens, dim)")
+    @staticmethod
+    def _declared_parts(cond_kind: str, cond_shape) -> dict[str, Part]:
+        if cond_kind not in COND_KINDS:
+            raise DiffpressError(f"unknown cond_kind {cond_kind!r}; allowed: {COND_KINDS}")
+        if cond_kind == "none":
+            return {}
+        if cond_kind == "class":
+            return {"class_labels": Part((), torch.long, null="label")}
+        if isinstance(cond_shape, dict):
+            return {k: v if isinstance(v, Part) else Part(tuple(v)) for k, v in cond_shape.items()}
+        if not cond_shape:
+            raise DiffpressError("cond_kind='hidden_states' needs cond_shape=(tokens, dim)")
+        return {"encoder_hidden_states": Part(tuple(cond_shape))}
+
+    @property
+    def cond_shape(self) -> tuple | dict:
+        """Per-sample shape of ``cond``: a tuple for one tensor, ``{name: shape}`` for several parts."""
+        if len(self.parts) == 1:
+            return next(iter(self.parts.values())).shape
+        return {k: p.shape for k, p in self.parts.items()}
+
+    @property
+    def cond_names(self) -> list[str]:
+        """The names of the conditioning inputs (the model's keywords; the ONNX input names)."""
+        return list(self.parts)
 
     # -- calling convention ------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond: Any = None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.sample_shape[0]:
             raise DiffpressError(
                 f"x_t has shape {tuple(x.shape)}; this denoiser takes (B, {self.sample_shape[0]}, H, W)")
@@ -181,27 +179,11 @@ class Denoiser(nn.Module):
             t = t.reshape(()).expand(x.shape[0])
         if self.cond_kind != "none" and cond is None:
             raise DiffpressError(f"this denoiser is conditional ({self.cond_kind}); pass cond")
+        if len(self.parts) > 1 and self.kind != "module" and not isinstance(cond, dict):
+            raise DiffpressError(f"this denoiser takes several conditioning inputs; pass cond as a dict with keys "
+                                 f"{self.cond_names}")
         self.runtime.t = t
-        m = self.model
-        if self.kind == "unet2d":
-            out = m(x, t, class_labels=cond if self.cond_kind == "class" else None).sample
-        elif self.kind == "unet2d_condition":
-            out = m(x, t, encoder_hidden_states=cond).sample
-        elif self.kind == "dit":
-            out = m(x, timestep=t, class_labels=cond).sample
-        elif self.kind == "pixart":
-            extra = {"resolution": None, "aspect_ratio": None}
-            if m.config.use_additional_conditions:  # sizes in pixels, assuming an 8x VAE
-                b, _, h, w = x.shape
-                extra = {"resolution": torch.tensor([[h * 8.0, w * 8.0]]).expand(b, 2),
-                         "aspect_ratio": torch.tensor([[h / w]]).expand(b, 1)}
-            out = m(x, encoder_hidden_states=cond, timestep=t, added_cond_kwargs=extra).sample
-        else:
-            out = m(x, t, cond)
-            if hasattr(out, "sample"):
-                out = out.sample
-            elif isinstance(out, (tuple, list)):
-                out = out[0]
+        out = self.adapter.forward(self.model, x, t, cond)
         if self._split_sigma:
             out = out[:, : self.sample_shape[0]]
         return out
@@ -234,32 +216,44 @@ class Denoiser(nn.Module):
         raise DiffpressError(
             f"this denoiser ({self.kind}, cond {self.cond_kind}) has no label conditioner; pass cond directly")
 
-    def null_cond(self, batch: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    def null_cond(self, batch: int, like: Any = None) -> Any:
         """The unconditional ``cond`` for classifier-free guidance: the null label, or zero states shaped
-        ``like`` the conditional ones (the empty-prompt convention for text models without an encoder)."""
+        ``like`` the conditional ones (the empty-prompt convention for text models without an encoder);
+        parts such as sizes, ids and masks keep their conditional value."""
         if self.null_label is not None:
             return self.encode_labels(torch.full((batch,), self.null_label, dtype=torch.long))
-        if self.cond_kind == "hidden_states":
-            return torch.zeros_like(like) if like is not None else torch.zeros(batch, *self.cond_shape)
-        raise DiffpressError(
-            "this denoiser has no null condition, so classifier-free guidance is impossible; use guidance=1, "
-            "or pass num_classes=N if label N is the null class the model was trained with")
+        if self.cond_kind != "hidden_states":
+            raise DiffpressError(
+                "this denoiser has no null condition, so classifier-free guidance is impossible; use guidance=1, "
+                "or pass num_classes=N if label N is the null class the model was trained with")
+        if like is None:
+            like = self.example_cond(batch)
+        if not isinstance(like, dict):
+            return torch.zeros_like(like)
+        return {k: v.clone() if self.parts[k].null == "same" else torch.zeros_like(v) for k, v in like.items()}
+
+    def example_cond(self, batch: int = 1, seed: int = 0) -> Any:
+        """A ``cond`` for ``batch`` samples: random labels, or random normal states (not a real text
+        encoding: for shapes, timing and smoke runs) with the fixed parts (sizes, masks) at their defaults."""
+        g = torch.Generator().manual_seed(seed)
+        if self.cond_kind == "none":
+            return None
+        if self.cond_kind == "class" or self.conditioner is not None:
+            if not self.num_classes:
+                raise DiffpressError("class-conditional denoiser without num_classes; pass num_classes=N")
+            return self.encode_labels(torch.randint(0, self.num_classes, (batch,), generator=g))
+        values = {k: p.example(batch, g, self.num_classes) for k, p in self.parts.items()}
+        return values if len(values) > 1 else next(iter(values.values()))
 
     def example_inputs(self, batch: int = 1, sample_shape: tuple[int, int, int] | None = None,
-                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Random ``(x_t, t, cond)`` of the right shapes and dtypes, for capture, export and timing."""
         if self.cond_kind == "class" and not self.num_classes:
             raise DiffpressError("class-conditional denoiser without num_classes; pass num_classes=N")
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, *(sample_shape or self.sample_shape), generator=g)
-        t = torch.full((batch,), 500, dtype=torch.long)
-        if self.cond_kind == "none":
-            cond = None
-        elif self.cond_kind == "class" or self.conditioner is not None:
-            cond = self.encode_labels(torch.randint(0, self.num_classes or 1, (batch,), generator=g))
-        else:
-            cond = torch.randn(batch, *self.cond_shape, generator=g)
-        return x, t, cond
+        t = torch.full((batch,), 500, dtype=self.adapter.timestep_dtype)
+        return x, t, self.example_cond(batch, seed)
 
     # -- persistence ------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, force: bool = False) -> Path:
@@ -277,7 +271,7 @@ class Denoiser(nn.Module):
             raise DiffpressError(
                 f"{type(self.model).__name__} is a plain nn.Module; save its state_dict yourself "
                 "(diffpress saves diffusers models only)")
-        key = "transformer" if self.kind in ("dit", "pixart") else "unet"
+        key = self.adapter.component
         with atomic_dir(path, force=force) as tmp:
             if self.compression:
                 from safetensors.torch import save_file
@@ -303,7 +297,7 @@ class Denoiser(nn.Module):
                 else:
                     self.conditioner.save_pretrained(tmp / "conditioner")
                 index["conditioner"] = ["diffpress", type(self.conditioner).__name__]
-            index["diffpress"] = {"prediction_type": self.prediction_type}
+            index["diffpress"] = {"prediction_type": self.prediction_type, "sample_shape": list(self.sample_shape)}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         return Path(path)
 

@@ -49,17 +49,17 @@ def _read_json(path: Path) -> dict:
 def _load_model(folder: Path, weights: bool = True):
     """The diffusers model in ``folder``; with ``weights=False`` only its architecture (the values of a
     compressed model come from its own state file)."""
-    import diffusers
-
-    from diffpress.denoiser import SUPPORTED, _supported_text
+    from diffpress import adapters
 
     config = _read_json(folder / "config.json")
     name = config.get("_class_name")
-    if not isinstance(name, str) or name not in SUPPORTED:
-        raise DiffpressError(
-            f"{folder} holds a {name or 'model without _class_name'}, which diffpress does not support; "
-            f"supported: {_supported_text()}")
-    cls = getattr(diffusers, name)
+    if not isinstance(name, str) or not name:
+        raise DiffpressError(f"{folder}/config.json names no _class_name, so diffpress cannot tell the model family; "
+                             f"supported: {adapters.supported_text()}")
+    try:
+        cls = adapters.for_class(name).model_class(name)
+    except DiffpressError as exc:
+        raise DiffpressError(f"{folder} holds a {name}: {exc}") from None
     if not weights:
         try:
             return cls.from_config(config).eval()
@@ -210,8 +210,12 @@ def load(source: str | Path, *, prediction_type: str | None = None) -> "Denoiser
         if not isinstance(extra, dict):
             raise DiffpressError(f"{path}/model_index.json: 'diffpress' should be a mapping, got {extra!r}")
         prediction_type = prediction_type or extra.get("prediction_type")
+        shape = extra.get("sample_shape")
+        if shape is not None and not (isinstance(shape, list) and len(shape) == 3
+                                      and all(isinstance(d, int) and d > 0 for d in shape)):
+            raise DiffpressError(f"{path}/model_index.json: diffpress.sample_shape should be [C, H, W], got {shape!r}")
         den = Denoiser(model, prediction_type=prediction_type, conditioner=conditioner,
-                       scheduler_config=scheduler_config)
+                       scheduler_config=scheduler_config, sample_shape=tuple(shape) if shape else None)
         if compressed:
             _restore_compressed(den, path)
         return den.eval()

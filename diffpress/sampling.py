@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from diffpress import conditions
 from diffpress.denoiser import Denoiser, eval_mode
 from diffpress.errors import DiffpressError
 from diffpress.schedulers import SCHEDULERS, make_scheduler  # noqa: F401  (part of this module's API)
@@ -23,8 +24,8 @@ class Trajectory:
 
     timesteps: torch.Tensor
     latents: torch.Tensor
-    cond: torch.Tensor | None = None
-    uncond: torch.Tensor | None = None
+    cond: conditions.Cond = None
+    uncond: conditions.Cond = None
     guidance: float = 1.0
 
     def __len__(self) -> int:
@@ -36,7 +37,7 @@ class Trajectory:
         cond = self.cond
         if self.uncond is not None:
             x = torch.cat([x, x])
-            cond = torch.cat([self.cond, self.uncond])
+            cond = conditions.cat(self.cond, self.uncond)
         t = self.timesteps[step].expand(x.shape[0])
         return x, t, cond
 
@@ -54,8 +55,8 @@ class SampleOutput:
 @torch.no_grad()
 def _run(denoiser: Denoiser, scheduler, x: torch.Tensor, gens: list[torch.Generator], cond, uncond,
          guidance: float, steps: int, record: bool, bar) -> tuple[torch.Tensor, Trajectory | None, int]:
-    scheduler.set_timesteps(steps)
-    x = x * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps, **_shift(scheduler, x))
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers start from unit noise
     step_kwargs = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
     denoiser.runtime.reset(steps=len(scheduler.timesteps))  # a new trajectory: cache hooks start afresh
     try:
@@ -66,18 +67,31 @@ def _run(denoiser: Denoiser, scheduler, x: torch.Tensor, gens: list[torch.Genera
     return x, traj, len(scheduler.timesteps)
 
 
+def _shift(scheduler, x: torch.Tensor) -> dict:
+    """``mu`` for a flow-matching scheduler with resolution-dependent shifting (Flux, SD3.5 configs): the
+    pipelines' linear map from the image token count (2x2 latent patches) to the shift, from its config."""
+    c = scheduler.config
+    if not getattr(c, "use_dynamic_shifting", False):
+        return {}
+    tokens = x.shape[-2] * x.shape[-1] // 4
+    base_len, max_len = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+    base, top = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
+    slope = (top - base) / (max_len - base_len)
+    return {"mu": tokens * slope + base - slope * base_len}
+
+
 def _steps(denoiser: Denoiser, scheduler, x, cond, uncond, guidance: float, record: bool, bar, step_kwargs):
     """The sampling loop: one denoiser call per step (both guidance branches in one batch)."""
     use_cfg = uncond is not None
     rec_t, rec_x = [], []
     for i, t in enumerate(scheduler.timesteps):
         denoiser.runtime.at_step(i)
-        xin = scheduler.scale_model_input(x, t)
+        xin = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         if record:
             rec_t.append(t.clone())
             rec_x.append(xin.clone())
         if use_cfg:
-            pred_c, pred_u = denoiser(torch.cat([xin, xin]), t, torch.cat([cond, uncond])).chunk(2)
+            pred_c, pred_u = denoiser(torch.cat([xin, xin]), t, conditions.cat(cond, uncond)).chunk(2)
             pred = pred_u + guidance * (pred_c - pred_u)
         else:
             pred = denoiser(xin, t, cond)
@@ -91,11 +105,11 @@ def sample(
     *,
     num_samples: int | None = None,
     labels: torch.Tensor | list[int] | None = None,
-    cond: torch.Tensor | None = None,
-    uncond: torch.Tensor | None = None,
+    cond: conditions.Cond = None,
+    uncond: conditions.Cond = None,
     guidance: float = 1.0,
     steps: int = 50,
-    scheduler: str | None = "ddim",
+    scheduler: str | None = "auto",
     seed: int = 0,
     batch_size: int = 256,
     record: bool = False,
@@ -119,7 +133,7 @@ def sample(
             raise DiffpressError("pass either labels or cond, not both")
         cond = denoiser.encode_labels(labels)
     if cond is not None:
-        n = cond.shape[0]
+        n = conditions.batch_size(cond)
         if num_samples is not None and num_samples != n:
             raise DiffpressError(f"num_samples={num_samples} but {n} conditions were given")
     elif denoiser.cond_kind != "none":
@@ -144,8 +158,8 @@ def sample(
         for lo, hi in chunks:
             gens = [torch.Generator().manual_seed(s) for s in range(seed + lo, seed + hi)]
             x = torch.stack([torch.randn(denoiser.sample_shape, generator=g) for g in gens])
-            c = cond[lo:hi] if cond is not None else None
-            u = uncond[lo:hi] if uncond is not None else None
+            c = conditions.take(cond, slice(lo, hi))
+            u = conditions.take(uncond, slice(lo, hi))
             sched = make_scheduler(denoiser, scheduler)
             if use_cfg and lo == 0 and getattr(sched.config, "clip_sample", False):
                 warnings.warn(

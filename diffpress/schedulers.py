@@ -15,12 +15,25 @@ SCHEDULERS: dict[str, str] = {
     "euler": "EulerDiscreteScheduler",
     "euler-a": "EulerAncestralDiscreteScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",  # rectified-flow models (SD3, Flux, Sana, AuraFlow)
 }
+FLOW = ("flow-euler",)
 
 
-def make_scheduler(denoiser: "Denoiser", name: str | None = "ddim"):
-    """A fresh diffusers scheduler for ``denoiser``: ``name`` is a key of ``SCHEDULERS`` or ``None`` for
-    the scheduler the checkpoint shipped with. The model's own noise schedule and prediction type are kept.
+def auto_sampler(denoiser: "Denoiser") -> str | None:
+    """What ``auto`` means for ``denoiser``: the checkpoint's own scheduler (``None``), unless it ships none or
+    a DDPM training schedule (poor in 50 steps), then the family's default sampler (DDIM; flow-euler for
+    rectified-flow families)."""
+    own = (denoiser.scheduler_config or {}).get("_class_name")
+    if own and own != "DDPMScheduler":
+        return None
+    return denoiser.adapter.sampler or "ddim"
+
+
+def make_scheduler(denoiser: "Denoiser", name: str | None = "auto"):
+    """A fresh diffusers scheduler for ``denoiser``: ``name`` is a key of ``SCHEDULERS``, ``auto`` (see
+    :func:`auto_sampler`) or ``None`` for the scheduler the checkpoint shipped with. The model's own noise
+    schedule and prediction type are kept.
 
     >>> from diffpress import load
     >>> type(make_scheduler(load("digits-unet"), "dpm++")).__name__
@@ -28,12 +41,22 @@ def make_scheduler(denoiser: "Denoiser", name: str | None = "ddim"):
     """
     import diffusers
 
+    if name == "auto":
+        name = auto_sampler(denoiser)
     config = dict(denoiser.scheduler_config or {})
+    flow = denoiser.prediction_type == "flow"
     if name is None:
-        cls_name = config.get("_class_name", "DDPMScheduler")
+        cls_name = config.get("_class_name") or ("FlowMatchEulerDiscreteScheduler" if flow else "DDPMScheduler")
     elif name in SCHEDULERS:
+        if (name in FLOW) != flow:
+            allowed = FLOW if flow else [n for n in SCHEDULERS if n not in FLOW]
+            raise DiffpressError(f"sampler {name!r} does not fit a {'flow-matching' if flow else 'Gaussian-diffusion'} "
+                                 f"model; allowed: {', '.join(allowed)} (or auto)")
         cls_name = SCHEDULERS[name]
     else:
-        raise DiffpressError(f"unknown scheduler {name!r}; allowed: {', '.join(SCHEDULERS)}")
-    config["prediction_type"] = denoiser.prediction_type
+        raise DiffpressError(f"unknown scheduler {name!r}; allowed: {', '.join(SCHEDULERS)}, auto")
+    if not flow:
+        config["prediction_type"] = denoiser.prediction_type
+    elif "FlowMatch" not in config.get("_class_name", "FlowMatch"):
+        config = {}  # a flow model shipped with a non-flow scheduler config: start from the flow defaults
     return getattr(diffusers, cls_name).from_config(config)

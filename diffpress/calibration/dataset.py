@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from diffpress import conditions
 from diffpress._io import atomic_file
 from diffpress.calibration.policies import TimestepPolicy
 from diffpress.denoiser import Denoiser
@@ -37,14 +38,14 @@ class CalibrationSet:
 
     x: torch.Tensor | None
     t: torch.Tensor
-    cond: torch.Tensor | None
+    cond: conditions.Cond  # one tensor, a dict of named parts, or None
     step: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
     _path: Path | None = None
-    _has_cond: bool = False
+    _cond_keys: tuple[str, ...] = ()  # keys of cond in the file (lazy sets read them per batch)
 
     def __post_init__(self) -> None:
-        self._has_cond = self._has_cond or self.cond is not None
+        self._cond_keys = self._cond_keys or tuple(conditions.flatten(self.cond))
         if self.x is not None:
             _check_finite(self.x, self.t, self.cond)
 
@@ -56,11 +57,12 @@ class CalibrationSet:
         """Distinct timestep values, in sampling order (high noise first)."""
         return sorted({float(v) for v in self.t}, reverse=True)
 
-    def _slice(self, name: str, lo: int, hi: int) -> torch.Tensor:
+    def _slice(self, name: str, lo: int, hi: int):
         if self._path is None:
-            return getattr(self, name)[lo:hi]
+            return conditions.take(getattr(self, name), slice(lo, hi))
+        keys = self._cond_keys if name == "cond" else (name,)
         with safe_open(str(self._path), framework="pt") as f:
-            return f.get_slice(name)[lo:hi]
+            return conditions.unflatten({k: f.get_slice(k)[lo:hi] for k in keys}, name)
 
     def batches(self, batch_size: int = 32) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Yield ``(x, t, cond)`` batches, each from a single trajectory step (so per-timestep statistics stay apart)."""
@@ -72,7 +74,7 @@ class CalibrationSet:
             while end < n and int(self.step[end]) == s and end - lo < batch_size:
                 end += 1
             x = self._slice("x", lo, end)
-            cond = self._slice("cond", lo, end) if self._has_cond else None
+            cond = self._slice("cond", lo, end) if self._cond_keys else None
             yield x, self.t[lo:end], cond
             lo = end
 
@@ -81,8 +83,7 @@ class CalibrationSet:
         if self.x is None:
             raise DiffpressError("this set was loaded lazily; it already lives at " + str(self._path))
         tensors = {"x": self.x.contiguous(), "t": self.t.contiguous(), "step": self.step.contiguous()}
-        if self.cond is not None:
-            tensors["cond"] = self.cond.contiguous()
+        tensors.update(conditions.flatten(self.cond))
         with atomic_file(path, force=force) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(self.meta)})
         return Path(path)
@@ -101,18 +102,19 @@ class CalibrationSet:
                 keys = set(f.keys())
                 t, step = f.get_tensor("t"), f.get_tensor("step")
                 x = None if lazy else f.get_tensor("x")
-                cond = f.get_tensor("cond") if ("cond" in keys and not lazy) else None
+                cond_keys = tuple(sorted(k for k in keys if k == "cond" or k.startswith("cond.")))
+                cond = None if lazy else conditions.unflatten({k: f.get_tensor(k) for k in cond_keys})
                 if lazy:  # check the data section is whole before promising to stream it
                     f.get_slice("x")[len(t) - 1:len(t)]
                 meta = json.loads(md.get("meta", "{}"))
         except (SafetensorError, OSError, ValueError) as exc:
             raise DiffpressError(f"{path} is corrupt or truncated ({exc}); collect the calibration set again") from exc
         return cls(x, t, cond, step, meta if isinstance(meta, dict) else {}, _path=path if lazy else None,
-                   _has_cond="cond" in keys)
+                   _cond_keys=cond_keys)
 
 
-def _check_finite(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> None:
-    for name, v in (("x", x), ("t", t), ("cond", cond)):
+def _check_finite(x: torch.Tensor, t: torch.Tensor, cond: conditions.Cond) -> None:
+    for name, v in (("x", x), ("t", t), *conditions.flatten(cond).items()):
         if v is not None and v.is_floating_point() and not torch.isfinite(v).all():
             bad = sorted({float(s) for s in t[~torch.isfinite(v).flatten(1).all(1)]}) if v.dim() > 1 else []
             raise DiffpressError(
@@ -126,11 +128,11 @@ def collect(
     *,
     num_samples: int = 64,
     steps: int = 50,
-    scheduler: str | None = "ddim",
+    scheduler: str | None = "auto",
     guidance: float | None = None,
     policy: TimestepPolicy | None = None,
     labels: torch.Tensor | None = None,
-    cond: torch.Tensor | None = None,
+    cond: conditions.Cond = None,
     seed: int = 1000,
     batch_size: int = 64,
     progress: bool = True,
@@ -152,8 +154,13 @@ def collect(
         guidance = denoiser.default_guidance
     if cond is None and labels is None and denoiser.cond_kind != "none":
         if denoiser.num_classes is None:
-            raise DiffpressError("this model is conditioned on hidden states; pass cond=(N, tokens, dim) to collect")
+            raise DiffpressError("this model is conditioned on hidden states; pass cond= (one tensor per sample, or "
+                                 "a dict of them) to collect, e.g. from diffpress.conditions_from(...) or a recipe's "
+                                 "calibration.conditions")
         labels = torch.arange(num_samples) % denoiser.num_classes
+    if cond is not None and conditions.batch_size(cond) < num_samples:
+        raise DiffpressError(f"{conditions.batch_size(cond)} conditions for {num_samples} calibration samples; give "
+                             "at least one condition per sample")
     per_step: dict[int, list[tuple]] = {}
     chosen: list[int] | None = None
     timesteps: dict[int, float] = {}
@@ -164,7 +171,7 @@ def collect(
             if labels is not None:
                 kw["labels"] = torch.as_tensor(labels)[lo:hi]
             elif cond is not None:
-                kw["cond"] = cond[lo:hi]
+                kw["cond"] = conditions.take(cond, slice(lo, hi))
             else:
                 kw["num_samples"] = hi - lo
             with denoiser.runtime.using(mode="calibrate"):
@@ -188,4 +195,4 @@ def collect(
             "scheduler": scheduler or "model default", "guidance": guidance, "seed": seed,
             "sample_shape": list(denoiser.sample_shape), "cond_kind": denoiser.cond_kind,
             "selected_steps": sorted(per_step), "timesteps": [timesteps[s] for s in sorted(per_step)]}
-    return CalibrationSet(torch.cat(xs), torch.cat(ts), torch.cat(cs) if cs else None, torch.cat(ss), meta)
+    return CalibrationSet(torch.cat(xs), torch.cat(ts), conditions.cat(*cs) if cs else None, torch.cat(ss), meta)

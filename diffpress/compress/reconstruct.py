@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffpress import conditions
 from diffpress.calibration.dataset import CalibrationSet
 from diffpress.compress.quant import QuantConv2d, QuantLinear
 from diffpress.denoiser import Denoiser, eval_mode
@@ -243,7 +244,7 @@ def calibration_batches(calibration: CalibrationSet, samples: int, batch_size: i
     out = []
     for x, t, cond in calibration.batches(batch_size):
         idx = torch.linspace(0, len(x) - 1, max(1, math.ceil(len(x) * keep))).round().long().unique()
-        out.append((x[idx].clone(), t[idx].clone(), None if cond is None else cond[idx].clone()))
+        out.append((x[idx].clone(), t[idx].clone(), conditions.apply(lambda v: v[idx].clone(), cond)))
     return out
 
 

@@ -9,9 +9,11 @@ from typing import Any
 
 import torch
 
+from diffpress import conditions
 from diffpress._version import __version__
 from diffpress._io import atomic_dir
 from diffpress.denoiser import Denoiser
+from diffpress.errors import DiffpressError
 from diffpress.eval import cost, metrics
 from diffpress.eval.grid import difference, save_grid
 from diffpress.sampling import sample
@@ -99,13 +101,19 @@ class Report:
         return save_grid([("reference", ref), ("candidate", cand), ("|diff| x4", difference(ref, cand))], path)
 
 
-def _default_conditions(den: Denoiser, n: int, seed: int) -> dict[str, Any]:
+def _conditions(den: Denoiser, n: int, seed: int, cond, notes: list[str]) -> dict[str, Any]:
     if den.cond_kind == "none":
         return {"num_samples": n}
+    if cond is not None:
+        if conditions.batch_size(cond) < n:
+            raise DiffpressError(f"{conditions.batch_size(cond)} conditions for {n} evaluation samples; give at "
+                                 "least one per sample")
+        return {"cond": conditions.take(cond, slice(0, n))}
     if den.num_classes is not None:
         return {"labels": torch.arange(n) % den.num_classes}
-    g = torch.Generator().manual_seed(seed)
-    return {"cond": torch.randn(n, *den.cond_shape, generator=g)}
+    notes.append("conditioned on random normal hidden states (no text encoder given): fidelity between the two "
+                 "models is meaningful, the images are not prompts' images")
+    return {"cond": den.example_cond(n, seed)}
 
 
 def _digits_metrics(images: torch.Tensor, labels: torch.Tensor | None, classifier, real_feats) -> dict[str, Any]:
@@ -122,11 +130,12 @@ def evaluate(
     *,
     num_samples: int = 500,
     steps: int = 50,
-    scheduler: str | None = "ddim",
+    scheduler: str | None = "auto",
     guidance: float | None = None,
     seed: int = 0,
     latency_repeats: int = 10,
     names: tuple[str, str] = ("reference", "candidate"),
+    cond: Any = None,
     progress: bool = True,
 ) -> Report:
     """Sample both denoisers with identical settings and seeds and measure what the candidate costs.
@@ -134,7 +143,8 @@ def evaluate(
     Fidelity: PSNR / SSIM of the candidate's final samples against the reference's. On 16x16
     single-channel models (the digits zoo) also the Fréchet distance to real digits in the digits
     classifier's feature space and, with class labels, conditional accuracy. Cost: parameters,
-    bytes, MACs per call and per sample, latency per call and per sampling run.
+    bytes, MACs per call and per sample, latency per call and per sampling run. ``cond``: the conditions
+    to sample with (one per sample); by default class labels ``0, 1, ...``, or random hidden states.
 
     >>> import diffpress
     >>> den = diffpress.load("digits-unet")
@@ -143,11 +153,11 @@ def evaluate(
     True
     """
     guidance = reference.default_guidance if guidance is None else guidance
-    conds = _default_conditions(reference, num_samples, seed)
+    notes: list[str] = []
+    conds = _conditions(reference, num_samples, seed, cond, notes)
     kw = dict(guidance=guidance, steps=steps, scheduler=scheduler, seed=seed, progress=progress, **conds)
     ref_out = sample(reference, **kw)
     cand_out = sample(candidate, **kw)
-    notes: list[str] = []
     ref_img, cand_img = ref_out.images, cand_out.images
     candidate_finite = bool(torch.isfinite(cand_img).all())
     if not candidate_finite:
@@ -164,7 +174,7 @@ def evaluate(
 
     models: dict[str, dict[str, Any]] = {}
     x1, t1, c1 = reference.example_inputs(1)
-    one = {"num_samples": 1} if reference.cond_kind == "none" else {k: v[:1] for k, v in conds.items()}
+    one = {"num_samples": 1} if reference.cond_kind == "none" else {k: conditions.take(v, slice(0, 1)) for k, v in conds.items()}
     run_kw = {k: v for k, v in kw.items() if k not in ("num_samples", "labels", "cond")}
     run_kw.update(one, progress=False)
     lat_call = cost.latency_side_by_side(

@@ -9,6 +9,7 @@ writes ``io_spec.json`` and is checked: ONNX Runtime against PyTorch on the same
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -206,8 +207,7 @@ def export_onnx(
 def _export_graph(graph: GraphSpec, args: tuple, opset: int, dynamic_batch: bool, denoiser: Denoiser):
     dynamic = None
     if dynamic_batch:
-        b = torch.export.Dim("batch", min=1, max=1024)
-        dynamic = tuple({0: b} for _ in args)
+        dynamic = _batch_dims(graph.module, args, torch.export.Dim("batch", min=1, max=1024))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -219,6 +219,18 @@ def _export_graph(graph: GraphSpec, args: tuple, opset: int, dynamic_batch: bool
         except Exception as exc:  # noqa: BLE001 - report the exporter's failure in one line
             raise DiffpressError(f"torch.onnx.export failed on graph {graph.name!r}: {type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def _batch_dims(module: torch.nn.Module, args: tuple, batch) -> tuple:
+    """``dynamic_shapes`` for ``module(*args)`` with a dynamic first dimension on every input, shaped like the
+    forward's signature (torch.export wants a ``*cond`` parameter's inputs grouped in one tuple)."""
+    out: list = []
+    for p in inspect.signature(module.forward).parameters.values():
+        if p.kind == p.VAR_POSITIONAL:
+            return (*out, tuple({0: batch} for _ in args[len(out):]))
+        if len(out) < len(args):
+            out.append({0: batch})
+    return tuple(out)
 
 
 def _verify(graph: GraphSpec, denoiser: Denoiser, path: Path, tmp: Path, batch: int, rtol: float,

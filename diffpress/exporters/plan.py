@@ -22,36 +22,42 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from diffpress import conditions
 from diffpress.compress import registry
 from diffpress.denoiser import Denoiser
 from diffpress.errors import DiffpressError
 
 SPEC_FORMAT = "diffpress.io_spec/1"
-TIMESTEP_NOTE = ("float32 (batch,): the scheduler's timestep value (0 .. num_train_timesteps-1); all items of a "
-                 "batch share one timestep when the model has timestep-dependent modules (grouped quantizer scales)")
+TIMESTEP_NOTE = ("float32 (batch,): the scheduler's timestep value (0 .. num_train_timesteps-1; sigma * 1000 for "
+                 "flow-matching models), as the scheduler gives it (the model's own scaling is inside the graph); "
+                 "all items of a batch share one timestep when the model has timestep-dependent modules (grouped "
+                 "quantizer scales)")
 
 
 class DenoiserGraph(nn.Module):
-    """Named, positional inputs for export: sample, timestep[, class_labels | encoder_hidden_states]."""
+    """Positional inputs for export: sample, timestep, then one input per conditioning part (its name:
+    ``class_labels``, ``encoder_hidden_states``, ``pooled_projections`` ...)."""
 
     def __init__(self, denoiser: Denoiser):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, sample, timestep, cond=None):
-        return self.denoiser(sample, timestep, cond)
+    def forward(self, sample, timestep, *cond):
+        names = self.denoiser.cond_names
+        if len(names) > 1:
+            return self.denoiser(sample, timestep, dict(zip(names, cond)))
+        return self.denoiser(sample, timestep, cond[0] if cond else None)
 
 
 def io_names(denoiser: Denoiser) -> list[str]:
-    cond = {"none": [], "class": ["class_labels"], "hidden_states": ["encoder_hidden_states"]}[denoiser.cond_kind]
-    return ["sample", "timestep", *cond]
+    return ["sample", "timestep", *denoiser.cond_names]
 
 
 def example_feed(denoiser: Denoiser, batch: int, sample_shape=None, seed: int = 0) -> tuple:
-    """Inputs in the exported convention: timestep float32 (batch,)."""
+    """Inputs in the exported convention: timestep float32 (batch,), then the conditioning parts in order."""
     x, t, cond = denoiser.example_inputs(batch, sample_shape, seed)
     t = torch.linspace(999.0, 1.0, batch) if batch > 1 else torch.tensor([499.0])
-    return (x, t) if cond is None else (x, t, cond)
+    return (x, t, *conditions.tensors(cond))
 
 
 @dataclass

@@ -31,7 +31,7 @@ from diffpress.eval import Report, evaluate
 from diffpress.eval.cost import latency_side_by_side
 from diffpress.recipes import run_report
 from diffpress.recipes.schema import CalibrationConfig, EvaluationConfig, Recipe, dump_recipe, load_recipe
-from diffpress.sampling import make_scheduler
+from diffpress.schedulers import auto_sampler, make_scheduler
 
 
 @dataclass
@@ -83,10 +83,9 @@ def resolve_sampler(denoiser: Denoiser, name: str | None) -> tuple[str | None, d
     >>> resolve_sampler(load("digits-unet"), "model")[1]["class"]
     'DDPMScheduler'
     """
-    own = (denoiser.scheduler_config or {}).get("_class_name")
     if name == "auto":
         # a DDPM schedule is what a model was trained with; sampling it in 50 steps is poor, so DDIM instead
-        arg = None if own and own != "DDPMScheduler" else "ddim"
+        arg = auto_sampler(denoiser)
     else:
         arg = None if name in (None, "model") else name
     cls = type(make_scheduler(denoiser, arg)).__name__

@@ -1,0 +1,25 @@
+"""diffusers SanaTransformer2DModel (Sana): Gemma hidden states, linear attention; flow matching, timesteps
+scaled by the config's ``timestep_scale`` as the pipeline does; optional distilled guidance as a part."""
+from __future__ import annotations
+
+import torch
+
+from diffpress.adapters.base import Adapter, Part
+
+
+class Sana(Adapter):
+    name = "sana"
+    classes = ("SanaTransformer2DModel",)
+    prediction_type = "flow"
+    sampler = "flow-euler"
+    timestep_dtype = torch.float32
+
+    def parts(self, model, sample_shape):
+        parts = {"encoder_hidden_states": Part((300, model.config.caption_channels))}
+        if model.config.guidance_embeds:
+            parts["guidance"] = Part((), null="same", fill=4.5)
+        return parts
+
+    def forward(self, model, x, t, cond):
+        kw = self.kwargs(cond, self.parts(model, tuple(x.shape[1:])))
+        return model(x, timestep=t * model.config.timestep_scale, **kw).sample

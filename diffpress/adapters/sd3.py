@@ -1,0 +1,23 @@
+"""diffusers SD3Transformer2DModel (Stable Diffusion 3 / 3.5, MMDiT): joint text hidden states and pooled
+projections; rectified flow, timesteps ``sigma * 1000`` as the pipeline passes them."""
+from __future__ import annotations
+
+import torch
+
+from diffpress.adapters.base import Adapter, Part
+
+
+class SD3(Adapter):
+    name = "sd3"
+    classes = ("SD3Transformer2DModel",)
+    prediction_type = "flow"
+    sampler = "flow-euler"
+    timestep_dtype = torch.float32
+
+    def parts(self, model, sample_shape):
+        c = model.config  # 77 CLIP tokens + 256 T5 tokens, as the SD3 pipeline concatenates them
+        return {"encoder_hidden_states": Part((333, c.joint_attention_dim)),
+                "pooled_projections": Part((c.pooled_projection_dim,))}
+
+    def forward(self, model, x, t, cond):
+        return model(x, timestep=t, **cond).sample
