@@ -10,6 +10,7 @@ writes ``io_spec.json`` and is checked: ONNX Runtime against PyTorch on the same
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -65,6 +66,41 @@ def _strip_metadata(model) -> None:
             value.metadata_props.clear()
     for value in [*model.graph.inputs, *model.graph.initializers.values()]:
         value.metadata_props.clear()
+
+
+def _drop_noop_squeezes(model) -> int:
+    """Replace ``Squeeze`` nodes that squeeze an axis whose static size is not 1 with ``Identity``.
+
+    ``torch.squeeze(x, dim)`` is a no-op when that dimension is not 1 (PixArt's attention-mask path squeezes
+    a 64-token axis this way); ONNX's Squeeze rejects it at load time ("Dimension of input 1 must be 1").
+    Returns how many nodes were replaced."""
+    import onnx_ir as ir
+
+    replaced = 0
+    for node in list(model.graph.all_nodes()):
+        if node.op_type != "Squeeze" or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        axes_value, data = node.inputs[1], node.inputs[0]
+        const = axes_value.const_value
+        shape = data.shape
+        if const is None or shape is None:
+            continue
+        axes = [int(a) for a in np.asarray(const.numpy()).reshape(-1)]
+        dims = [shape[a] for a in axes]
+        if not any(isinstance(d, int) and d != 1 for d in dims):
+            continue
+        if not all(isinstance(d, int) and d != 1 for d in dims):
+            continue  # a mix of real and no-op squeezes: leave it for ONNX Runtime to report
+        identity = ir.node("Identity", inputs=[data], name=f"{node.name}_noop")
+        node.graph.insert_before(node, identity)
+        ir.convenience.replace_all_uses_with(node.outputs[0], identity.outputs[0])
+        if node.outputs[0] in model.graph.outputs:
+            idx = list(model.graph.outputs).index(node.outputs[0])
+            model.graph.outputs[idx] = identity.outputs[0]
+            identity.outputs[0].name = node.outputs[0].name
+        node.graph.remove(node, safe=True)
+        replaced += 1
+    return replaced
 
 
 @dataclass
@@ -170,7 +206,8 @@ def export_onnx(
         for graph in plan.graphs:
             args = graph.example(trace_batch, 0)
             path = tmp / f"{graph.name}.onnx"
-            program = _export_graph(graph, args, opset, dynamic_batch, denoiser)
+            program, max_batch = _export_graph(graph, args, opset, dynamic_batch, denoiser)
+            _drop_noop_squeezes(program.model)
             _strip_metadata(program.model)
             for spec, record in registry.specs(denoiser.compression):
                 if spec.onnx_rewrite is not None:
@@ -186,6 +223,8 @@ def export_onnx(
                      "inputs": describe(list(args), graph.input_names, "batch" if dynamic_batch else trace_batch),
                      "outputs": describe(outputs, graph.output_names, "batch" if dynamic_batch else trace_batch),
                      "op_types": ops, "verification": {"passed": None, "note": "not verified (verify=False)"}}
+            if max_batch is not None and max_batch < 1024:
+                entry["max_batch"] = max_batch  # the model's own code bounds the batch (torch.export's guard)
             if verify:
                 entry["verification"], ort_ops = _verify(graph, denoiser, path, tmp, batch, rtol, dynamic_batch)
                 entry["ort_op_types"] = ort_ops
@@ -205,20 +244,33 @@ def export_onnx(
 
 
 def _export_graph(graph: GraphSpec, args: tuple, opset: int, dynamic_batch: bool, denoiser: Denoiser):
-    dynamic = None
-    if dynamic_batch:
-        dynamic = _batch_dims(graph.module, args, torch.export.Dim("batch", min=1, max=1024))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            with eval_mode(denoiser), denoiser.runtime.using(mode="export"):
-                return torch.onnx.export(
-                    graph.module, args, dynamo=True, opset_version=opset, input_names=graph.input_names,
-                    output_names=graph.output_names, dynamic_shapes=dynamic,
-                    custom_translation_table=_translations(opset), verbose=False)
-        except Exception as exc:  # noqa: BLE001 - report the exporter's failure in one line
-            raise DiffpressError(f"torch.onnx.export failed on graph {graph.name!r}: {type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    """torch.onnx.export of one graph. A model whose code bounds the batch (torch.export then suggests
+    ``Dim('batch', max=N)``) is exported with that bound, which the artifact's io_spec states."""
+    bound = 1024
+    for _ in range(2):
+        dynamic = _batch_dims(graph.module, args, torch.export.Dim("batch", min=1, max=bound)) if dynamic_batch else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                with eval_mode(denoiser), denoiser.runtime.using(mode="export"):
+                    program = torch.export.export(graph.module, args, dynamic_shapes=dynamic, strict=False)
+            except Exception as exc:  # noqa: BLE001 - a batch bound to retry with, or one line
+                suggested = re.search(r"Dim\('batch', max=(\d+)\)", str(exc))
+                if dynamic_batch and suggested and int(suggested.group(1)) < bound:
+                    bound = int(suggested.group(1))
+                    continue
+                raise DiffpressError(f"torch.export failed on graph {graph.name!r}: {type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            try:
+                onnx_program = torch.onnx.export(
+                    program, args, dynamo=True, opset_version=opset, input_names=graph.input_names,
+                    output_names=graph.output_names, custom_translation_table=_translations(opset), verbose=False)
+            except Exception as exc:  # noqa: BLE001 - report the exporter's failure in one line
+                raise DiffpressError(f"torch.onnx.export failed on graph {graph.name!r}: {type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        return onnx_program, (bound if dynamic_batch else None)
+    raise DiffpressError(f"torch.export failed on graph {graph.name!r}: no dynamic batch bound satisfies it; "
+                         "export with dynamic_batch=False")
 
 
 def _batch_dims(module: torch.nn.Module, args: tuple, batch) -> tuple:
@@ -227,7 +279,8 @@ def _batch_dims(module: torch.nn.Module, args: tuple, batch) -> tuple:
     out: list = []
     for p in inspect.signature(module.forward).parameters.values():
         if p.kind == p.VAR_POSITIONAL:
-            return (*out, tuple({0: batch} for _ in args[len(out):]))
+            rest = tuple({0: batch} for _ in args[len(out):])
+            return (*out, rest) if rest else tuple(out)
         if len(out) < len(args):
             out.append({0: batch})
     return tuple(out)
