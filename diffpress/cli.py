@@ -185,9 +185,15 @@ def cmd_run(args: argparse.Namespace) -> None:
         resolve_source(args.model)  # a wrong path answers before torch is imported
     if args.out is not None:
         check_writable(args.out, args.force)
+    if args.conditions is not None and not args.conditions.is_file():
+        raise DiffpressError(f"--conditions: no file at {args.conditions}; give a safetensors file of embeddings")
     from diffpress.recipes.schema import load_recipe
 
-    recipe = load_recipe(args.recipe, args.set)  # a bad recipe fails before the model is loaded
+    sets = list(args.set)
+    if args.conditions is not None:  # the same file for calibration and evaluation, before the user's --set
+        sets[:0] = [f"{section}.conditions={{kind: file, path: {json.dumps(str(args.conditions))}}}"
+                    for section in ("calibration", "evaluation")]
+    recipe = load_recipe(args.recipe, sets)  # a bad recipe fails before the model is loaded
     from diffpress.recipes.runner import default_out, run_recipe
 
     out = args.out if args.out is not None else default_out(recipe.name, args.model)
@@ -280,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", type=Path, default=None, metavar="PATH",
                    help="calibration file: reused if it exists (it must fit the model and the recipe), "
                         "else collected and saved there")
+    p.add_argument("--conditions", type=Path, default=None, metavar="FILE",
+                   help="a safetensors file of conditioning embeddings (one tensor per model input, e.g. "
+                        "encoder_hidden_states, pooled_projections), used for calibration and evaluation; without it "
+                        "class models use labels 0..N-1 and text models random states (see --set "
+                        "calibration.conditions.kind=null|random)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
     p.set_defaults(func=cmd_run)
 

@@ -267,10 +267,7 @@ class Denoiser(nn.Module):
 
         from diffpress._io import _umask, atomic_dir
 
-        if self.kind == "module":
-            raise DiffpressError(
-                f"{type(self.model).__name__} is a plain nn.Module; save its state_dict yourself "
-                "(diffpress saves diffusers models only)")
+        self.check_savable()
         key = self.adapter.component
         with atomic_dir(path, force=force) as tmp:
             if self.compression:
@@ -300,6 +297,14 @@ class Denoiser(nn.Module):
             index["diffpress"] = {"prediction_type": self.prediction_type, "sample_shape": list(self.sample_shape)}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         return Path(path)
+
+    def check_savable(self) -> None:
+        """Raise :class:`DiffpressError` unless :meth:`save_pretrained` can write this denoiser."""
+        if self.kind == "module" or not hasattr(self.model, "save_config"):
+            raise DiffpressError(
+                f"{type(self.model).__name__} is a plain nn.Module, which diffpress cannot save (it would need your "
+                "model's code to rebuild it): save its state_dict yourself, or run without an output folder "
+                "(diffpress.run_recipe(..., out=None))")
 
     def packed_state(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
         """The state dict as saved: buffers that modules declare low-bit (``packed_buffers()``, e.g. int4

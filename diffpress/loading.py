@@ -49,7 +49,7 @@ def _read_json(path: Path) -> dict:
 def _load_model(folder: Path, weights: bool = True):
     """The diffusers model in ``folder``; with ``weights=False`` only its architecture (the values of a
     compressed model come from its own state file)."""
-    from diffpress import adapters
+    import diffpress.adapters as adapters
 
     config = _read_json(folder / "config.json")
     name = config.get("_class_name")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from diffpress import conditions
+import diffpress.conditions as conditions
 from diffpress.denoiser import Denoiser, eval_mode
 from diffpress.errors import DiffpressError
 from diffpress.schedulers import SCHEDULERS, make_scheduler  # noqa: F401  (part of this module's API)

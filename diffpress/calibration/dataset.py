@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from diffpress import conditions
+import diffpress.conditions as conditions
 from diffpress._io import atomic_file
 from diffpress.calibration.policies import TimestepPolicy
 from diffpress.denoiser import Denoiser

@@ -238,6 +238,23 @@ class QuantLinear(_QuantWeights, nn.Module):
         return f"{self.in_features} -> {self.out_features}, W{self.bits} {g}"
 
 
+def conv_padding(layer: nn.Conv2d) -> tuple[int, int] | None:
+    """The explicit zero padding of ``layer`` (``padding="same"`` / ``"valid"`` resolved), or None when it is
+    not zero padding or ``same`` pads one side more than the other (even kernels).
+
+    >>> conv_padding(nn.Conv2d(2, 2, 3, padding="same")), conv_padding(nn.Conv2d(2, 2, 4, padding="same"))
+    ((1, 1), None)
+    """
+    if layer.padding_mode != "zeros":
+        return None
+    if layer.padding == "valid":
+        return (0, 0)
+    if layer.padding == "same":
+        total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+        return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
+    return tuple(layer.padding)
+
+
 class QuantConv2d(_QuantWeights, nn.Module):
     """Conv2d with a quantized weight and fake-quantized input (and output, bias added after it).
 
@@ -251,10 +268,11 @@ class QuantConv2d(_QuantWeights, nn.Module):
         self.context = context
         if layer.groups != 1 and split is not None:
             raise DiffpressError("split quantization needs a dense convolution (groups=1)")
-        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
-            raise DiffpressError(f"{layer} uses padding mode {layer.padding_mode!r}/{layer.padding!r}; "
-                                 "diffpress quantizes zero-padded convolutions only")
-        self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
+        padding = conv_padding(layer)
+        if padding is None:
+            raise DiffpressError(f"{layer} uses padding {layer.padding!r} / padding_mode {layer.padding_mode!r}; "
+                                 "diffpress quantizes convolutions with zero padding, the same on both sides")
+        self.stride, self.padding, self.dilation, self.groups = layer.stride, padding, layer.dilation, layer.groups
         self.bits, self.group_size, self.split = bits, group_size, split
         parts = [layer.weight] if split is None else [layer.weight[:, :split], layer.weight[:, split:]]
         for i, w in enumerate(parts):

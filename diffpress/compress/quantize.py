@@ -17,7 +17,7 @@ from torch import nn
 
 from diffpress.calibration.dataset import CalibrationSet
 from diffpress.calibration.observers import observe
-from diffpress.compress.quant import (RANGE_RULES, ActQuant, QuantConv2d, QuantLinear, act_qparams, aggregate_range,
+from diffpress.compress.quant import (RANGE_RULES, ActQuant, QuantConv2d, QuantLinear, act_qparams, aggregate_range, conv_padding,
                                       timestep_groups)
 from diffpress.compress.reconstruct import ReconstructConfig, calibration_batches, correct_bias, reconstruct
 from diffpress.compress.registry import PassSpec, register
@@ -64,9 +64,9 @@ class QuantizeConfig:
     # linears into MatMulNBits) or "int8" (the int4 values in INT8 initializers: 8-bit size, but the integer
     # QLinearConv / QLinearMatMul kernels run them; blocked weights stay INT4 for MatMulNBits)
     int4_export: str = "int4"
-    # int8 weights on 7 bits (|q| <= 63), ONNX Runtime's `reduce_range`: x86 CPUs without VNNI (AVX2) run its
-    # u8 x s8 integer kernels through VPMADDUBSW, whose int16 pair sums saturate with full-range weights
-    reduce_range: bool = False
+    # the CPUs the int8 model is for (TARGETS): "any" keeps int8 weights of W8A8 layers on 7 bits, so that
+    # ONNX Runtime's integer kernels agree with the simulation on every x86 CPU, AVX2-only ones included
+    target: str = "any"
 
     def __post_init__(self) -> None:
         if isinstance(self.reconstruct, dict):
@@ -84,6 +84,7 @@ class QuantizeConfig:
         check_roles("skip_roles", self.skip_roles)
         check_allowed("skip_roles_weights", self.skip_roles_weights, ("int8", None))
         check_allowed("int4_export", self.int4_export, ("int4", "int8"))
+        check_allowed("target", self.target, TARGETS)
         if self.group_size is not None and self.group_size < 1:
             raise DiffpressError(f"group_size: must be a positive integer or null, got {self.group_size}")
         if self.timestep_groups < 1:
@@ -93,9 +94,9 @@ class QuantizeConfig:
 
     @property
     def weight_bits(self) -> int:
-        """Bits of the weight grid: 8 or 4, 7 for int8 with ``reduce_range``."""
+        """Bits of the weight grid: 8 or 4; 7 for int8 weights of integer-kernel (W8A8) layers for target ``any``."""
         bits = int(self.weights[3:])
-        return 7 if bits == 8 and self.reduce_range else bits
+        return 7 if bits == 8 and self.activations is not None and self.target == "any" else bits
 
 
 @dataclass
@@ -125,6 +126,9 @@ def _pass_rule(config: QuantizeConfig):
     def rule(layer, module: nn.Module) -> str | None:
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             return f"grouped convolution (groups={module.groups})"
+        if isinstance(module, nn.Conv2d) and conv_padding(module) is None:
+            return (f"padding {module.padding!r} / padding_mode {module.padding_mode!r}: only zero padding, the same on "
+                    "both sides of each axis, is quantized")
         if config.group_size is not None:
             fan_in = module.weight[0].numel()
             split = layer.concat_split if config.split_concat else None
@@ -233,7 +237,11 @@ def _build(module: nn.Module, spec: dict[str, Any], acts: dict[str, list[ActQuan
 
 def restore_quantize(denoiser: Denoiser, record: dict[str, Any]) -> None:
     """Rebuild the quantized modules of a saved model (their values then come from its state dict)."""
-    config = QuantizeConfig(**record["config"])
+    saved = dict(record["config"])
+    if "target" not in saved:  # saved before targets existed: full-range int8 unless reduce_range was set
+        saved["target"] = "any" if saved.pop("reduce_range", False) else "vnni"
+        record["config"] = saved
+    config = QuantizeConfig(**saved)
     context = denoiser.runtime
     for spec in record["layers"]:
         module = denoiser.get_submodule(spec["name"])
@@ -260,10 +268,11 @@ def _onnx_facts(model, record: dict[str, Any]) -> dict[str, Any]:
     An int4 weight is an int8 constant that feeds only DequantizeLinear, possibly through the Reshape /
     Transpose that lay a blocked weight out (the exporter leaves those unfolded on large tensors: they
     are folded here), and holds values in [-8, 7]. An int8 weight always holds +-127 in each channel (its
-    scale is the channel's max / 127; +-63 with ``reduce_range``), so only the int4 layers' weights qualify. Zero points of those
+    scale is the channel's max / 127; +-63 for target ``any``), so only the int4 layers' weights qualify. Zero points of those
     nodes are dropped (they are 0: symmetric weights)."""
+    facts = {"quantized": True, "int4_initializers": 0, "target": target_fact(record)}
     if not any(layer["weight_bits"] == 4 for layer in record["layers"]):
-        return {"quantized": True, "int4_initializers": 0}
+        return facts
     per_axis = record["config"].get("int4_export", "int4") == "int4"
     import ml_dtypes
     import onnx_ir as ir
@@ -294,7 +303,14 @@ def _onnx_facts(model, record: dict[str, Any]) -> dict[str, Any]:
         if zp is not None:
             node.replace_input_with(2, None)
     RemoveUnusedNodesPass()(model)  # the int8 originals and their layout ops
-    return {"quantized": True, "int4_initializers": count}
+    return {**facts, "int4_initializers": count}
+
+
+def target_fact(record: dict[str, Any]) -> dict[str, Any]:
+    """The ``target`` entry of io_spec.json: which CPUs the integer kernels of this artifact agree on."""
+    name = record["config"].get("target", "vnni")
+    bits = sorted({layer["weight_bits"] for layer in record["layers"]})
+    return {"name": name, "cpus": TARGETS[name], "weight_bits": bits}
 
 
 def _int8_constant(value):
@@ -325,6 +341,14 @@ def _int8_constant(value):
     return arr
 
 
+TARGETS = {
+    "any": "every x86 CPU (AVX2, AVX-512 VNNI, AMX) and ARM: int8 weights of W8A8 layers on 7 bits (|q| <= 63), so "
+           "ONNX Runtime's u8 x s8 integer kernels never saturate",
+    "vnni": "x86 CPUs with AVX-512 VNNI, AVX-VNNI or AMX, ARM, GPUs: full-range int8 weights; x86 CPUs with only "
+            "AVX2 run ONNX Runtime's u8 x s8 kernels through VPMADDUBSW, whose int16 pair sums saturate, and drift "
+            "from the simulation (1.9-3.4 % measured under emulation)",
+}
+
 SIMULATION = ("fake-quant simulation: the PyTorch model rounds values to the integer grid and computes in float; the "
               "exported ONNX graph carries the same scales as Q/DQ nodes, which ONNX Runtime runs on integer kernels")
 
@@ -344,5 +368,5 @@ register(PassSpec(
     min_opset=lambda c: (21, "int4 weights need opset >= 21 (INT4 initializers, blocked DequantizeLinear)")
     if c.weights == "int4" else (0, ""),
     onnx_rewrite=_onnx_facts,
-    io_spec_defaults={"quantized": False, "int4_initializers": 0},
+    io_spec_defaults={"quantized": False, "int4_initializers": 0, "target": None},
 ))

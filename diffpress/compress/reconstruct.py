@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffpress import conditions
+import diffpress.conditions as conditions
 from diffpress.calibration.dataset import CalibrationSet
 from diffpress.compress.quant import QuantConv2d, QuantLinear
 from diffpress.denoiser import Denoiser, eval_mode

@@ -29,6 +29,8 @@ from diffpress.graph.roles import LAYER_ROLES
 # what a rule that skipped a layer was: passes may treat some rules differently (e.g. weight-only int8
 # for layers kept away by role)
 RULES = ("op", "type", "shared", "role", "glob", "pass")
+# compute ops with a weight (the others multiply two activations: attention, matmul, einsum)
+WEIGHTED_OPS = ("linear", "conv2d", "conv1d", "conv_transpose2d")
 
 
 def check_roles(key: str, roles: Iterable[str]) -> None:
@@ -87,6 +89,9 @@ def select_layers(denoiser: nn.Module, graph: Graph, *, types: tuple[type, ...] 
 def _reason(layer: Layer, module: nn.Module | None, calls: dict[str, int], skip_roles: list[str], skip: list[str],
             types: tuple[type, ...], ops: tuple[str, ...]) -> tuple[str | None, str]:
     if module is None:
+        if layer.op in WEIGHTED_OPS:
+            return (f"{layer.op} ({layer.module_type}): this pass rewrites {', '.join(ops)} layers only, not "
+                    f"{layer.op}", "op")
         return f"{layer.op}: activation-activation product, not rewritten by this pass", "op"
     if type(module) not in types:
         return f"{type(module).__name__} is not an {' or '.join('nn.' + t.__name__ for t in types)}", "type"

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from diffpress import conditions
+import diffpress.conditions as conditions
 from diffpress._version import __version__
 from diffpress._io import atomic_dir
 from diffpress.denoiser import Denoiser

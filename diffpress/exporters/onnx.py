@@ -10,6 +10,7 @@ writes ``io_spec.json`` and is checked: ONNX Runtime against PyTorch on the same
 from __future__ import annotations
 
 import inspect
+import platform
 import re
 import warnings
 from collections import Counter
@@ -127,6 +128,7 @@ def ort_session(path: str | Path, threads: int = 0, optimized_path: str | Path |
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    so.log_severity_level = 3  # errors only: the optimizer's notes about hardware-specific graphs are not news
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(nbits_accuracy_level))
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
@@ -134,7 +136,49 @@ def ort_session(path: str | Path, threads: int = 0, optimized_path: str | Path |
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                     Path(optimized_path).name + ".data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail / InvalidGraph / RuntimeException
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DiffpressError(f"ONNX Runtime {ort.__version__} cannot load {Path(path).name}: {first}. The exported graph "
+                             "uses something this runtime rejects; try another opset (--opset / exports.N.opset) "
+                             "or report it with the model's config") from exc
+
+
+INT8_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """The running CPU's instruction sets that decide which int8 kernels ONNX Runtime runs (Linux: from
+    /proc/cpuinfo; an empty list where that cannot be read).
+
+    >>> set(cpu_flags()) <= set(INT8_FLAGS)
+    True
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    have = set(line.partition(":")[2].split())
+    return [f for f in INT8_FLAGS if f in have]
+
+
+def integer_kernels_agree(target: str | None, flags: list[str] | None = None) -> bool | None:
+    """Whether ONNX Runtime's u8 x s8 kernels compute an artifact of quantize ``target`` exactly on a CPU with
+    ``flags`` (default: this one): always for ``any``; for ``vnni`` only with VNNI or AMX; None if unknown.
+
+    >>> integer_kernels_agree("vnni", ["avx2"]), integer_kernels_agree("any", ["avx2"])
+    (False, True)
+    """
+    flags = cpu_flags() if flags is None else flags
+    if target in (None, "any"):
+        return True
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return True  # ARM's int8 dot products accumulate in int32
+    if not flags:
+        return None
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def supported_opsets() -> range:
@@ -175,6 +219,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     verify: bool = True,
     rtol: float | None = None,
+    target: str | None = None,
     force: bool = False,
 ) -> ExportResult:
     """Export ``denoiser`` to ``out_dir/model.onnx`` (one ``.onnx`` per graph of its export plan, its extra
@@ -184,6 +229,10 @@ def export_onnx(
     loosest tolerance the model's passes declare (1e-4 for a float model; 5e-2 with quantization: ONNX
     Runtime's integer kernels requantize in fixed point and may round a value one step differently from
     the float simulation). The check runs at the export batch and at another batch size.
+
+    ``target`` names the CPUs the artifact must agree on (``any`` or ``vnni``, see
+    :data:`diffpress.compress.quantize.TARGETS`): the int8 weights were rounded for one of them by the quantize
+    pass, and an artifact quantized for ``vnni`` is refused for ``any``. ``io_spec.json`` states the target.
 
     >>> import diffpress, tempfile, pathlib
     >>> res = export_onnx(diffpress.load("digits-dit"), pathlib.Path(tempfile.mkdtemp()) / "dit")
@@ -226,10 +275,16 @@ def export_onnx(
             if max_batch is not None and max_batch < 1024:
                 entry["max_batch"] = max_batch  # the model's own code bounds the batch (torch.export's guard)
             if verify:
-                entry["verification"], ort_ops = _verify(graph, denoiser, path, tmp, batch, rtol, dynamic_batch)
+                entry["verification"], ort_ops = _verify(graph, denoiser, path, tmp, batch, rtol, dynamic_batch,
+                                                         facts.get("target"))
                 entry["ort_op_types"] = ort_ops
                 all_ort_ops.update(ort_ops)
             entries.append(entry)
+        made_for = (facts.get("target") or {}).get("name")
+        if target is not None and made_for not in (None, target, "any"):
+            raise DiffpressError(f"target {target!r}: this model's int8 weights were quantized for target {made_for!r}, "
+                                 f"which does not run correctly on {target!r} CPUs; quantize again with target "
+                                 f"{target!r} (--set passes.N.target={target})")
         for name, alternatives in plan.required_ops:
             if not any(all_ops.get(op) for op in alternatives):
                 raise DiffpressError(f"the model has pass {name!r}, whose artifact must contain "
@@ -287,7 +342,7 @@ def _batch_dims(module: torch.nn.Module, args: tuple, batch) -> tuple:
 
 
 def _verify(graph: GraphSpec, denoiser: Denoiser, path: Path, tmp: Path, batch: int, rtol: float,
-            dynamic_batch: bool) -> tuple[dict[str, Any], dict[str, int]]:
+            dynamic_batch: bool, target: dict | None = None) -> tuple[dict[str, Any], dict[str, int]]:
     import onnx
 
     optimized = tmp / f"{path.stem}.ort-optimized.onnx"
@@ -300,12 +355,25 @@ def _verify(graph: GraphSpec, denoiser: Denoiser, path: Path, tmp: Path, batch: 
         args = graph.example(b, seed)
         with torch.no_grad(), eval_mode(denoiser):
             refs = [r.numpy() for r in graph.outputs(args)]
-        gots = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})
+        try:
+            gots = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DiffpressError(f"ONNX Runtime failed running {path.name} at batch {b}: {first}") from exc
         for name, ref, got in zip(graph.output_names, refs, gots):
             checks.append({"graph": graph.name, "output": name, "batch": b,
                            "max_abs_diff": float(np.abs(got - ref).max()), "rel_rms_diff": rel_rms(got, ref)})
     passed = all(c["rel_rms_diff"] <= rtol for c in checks)
-    verification = {"runtime": "onnxruntime CPU", "rtol": rtol, "checks": checks, "passed": passed}
+    flags = cpu_flags()
+    verification = {"runtime": "onnxruntime CPU", "rtol": rtol, "checks": checks, "passed": passed,
+                    "cpu": {"machine": platform.machine(), "int8_flags": flags}}
     if not passed:
-        raise DiffpressError(f"ONNX Runtime disagrees with PyTorch beyond rtol={rtol} on graph {graph.name!r}: {checks}")
+        worst = max(c["rel_rms_diff"] for c in checks)
+        hint = ""
+        if target and integer_kernels_agree(target.get("name"), flags) is False:
+            hint = (f"; this artifact's target is {target['name']!r} (full-range int8 weights) and this CPU has "
+                    f"{', '.join(flags) or 'no known int8 extension'} but no VNNI / AMX, where ONNX Runtime's integer "
+                    "kernels saturate: quantize with target 'any' (--set passes.N.target=any) for this CPU")
+        raise DiffpressError(f"ONNX Runtime disagrees with PyTorch on graph {graph.name!r}: relative RMS difference "
+                             f"{worst:.3g} > rtol {rtol}{hint}")
     return verification, ort_ops

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from diffpress import conditions
+import diffpress.conditions as conditions
 from diffpress.compress import registry
 from diffpress.denoiser import Denoiser
 from diffpress.errors import DiffpressError

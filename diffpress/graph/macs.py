@@ -10,7 +10,9 @@ aten = torch.ops.aten
 
 COMPUTE_OPS = {
     aten.conv2d.default: "conv2d",
+    aten.conv2d.padding: "conv2d",  # padding="same" / "valid"
     aten.conv1d.default: "conv1d",
+    aten.conv1d.padding: "conv1d",
     aten.conv_transpose2d.input: "conv_transpose2d",
     aten.linear.default: "linear",
     aten.matmul.default: "matmul",

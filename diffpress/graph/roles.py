@@ -1,8 +1,10 @@
 """Layer roles and skip-concat splits, derived from the captured graph's data flow (not from module names).
 
 Roles:
-- ``time_embedding``: depends on the timestep but not on ``x_t`` (time MLPs, adaLN modulation);
-- ``cond_projection``: depends on the condition only (cross-attention k/v on text states, label embeddings);
+- ``time_embedding``: a per-sample vector computed without ``x_t`` (output ``(batch, features)``): timestep
+  MLPs, pooled-text / size / class embedders and the adaLN modulation they feed;
+- ``cond_projection``: a token sequence computed without ``x_t``: projections of text states,
+  cross-attention keys / values, the text stream of an MMDiT block before its first joint attention;
 - ``first``: the first layer that reads ``x_t``; ``last``: a layer whose output reaches the graph output
   through no other compute layer;
 - ``attn_q`` / ``attn_k`` / ``attn_v``: linears whose output feeds an attention op's q / k / v (through
@@ -11,6 +13,8 @@ Roles:
 - ``attention``: the attention op itself; ``body``: everything else.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import fx
@@ -77,7 +81,6 @@ def layer_roles(gm: fx.GraphModule, compute_ops: dict) -> dict[str, set[str]]:
     deps = input_dependencies(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     x_name = placeholders[0].name
-    t_name = placeholders[1].name if len(placeholders) > 1 else None
     compute = [n for n in gm.graph.nodes if is_compute(n, compute_ops)]
     compute_set = set(compute)
     roles: dict[str, set[str]] = {n.name: set() for n in compute}
@@ -85,8 +88,8 @@ def layer_roles(gm: fx.GraphModule, compute_ops: dict) -> dict[str, set[str]]:
     for n in compute:
         d = deps[n]
         r = roles[n.name]
-        if x_name not in d:
-            r.add("time_embedding" if t_name in d else "cond_projection")
+        if x_name not in d:  # vectors per sample feed the modulation; token sequences are the text stream
+            r.add("time_embedding" if len(n.meta["val"].shape) <= 2 else "cond_projection")
         elif not first_done:
             r.add("first")
             first_done = True
@@ -96,7 +99,7 @@ def layer_roles(gm: fx.GraphModule, compute_ops: dict) -> dict[str, set[str]]:
                 for src in _producers(arg):
                     if src.name in roles and compute_ops[src.target] == "linear":
                         roles[src.name].add(role)
-            for user in _through(n, _RESHAPE, forward=True):
+            for user in _through(n, _FROM_ATTENTION, forward=True):
                 if user.name in roles and compute_ops[user.target] == "linear":
                     roles[user.name].add("attn_out")
         if compute_ops[n.target] == "conv2d" and _is_1x1(n) and _is_shortcut(n):
@@ -130,18 +133,42 @@ def _reaches_output(node: fx.Node, compute: set) -> bool:
     return False
 
 
-def _producers(node) -> list[fx.Node]:
-    """The non-reshape nodes that produce ``node`` (walking back through reshapes)."""
-    if not isinstance(node, fx.Node):
-        return []
-    if node.op == "call_function" and node.target in _RESHAPE:
-        return _through(node, _RESHAPE, forward=False)
-    return [node]
+# what lies between a projection and the attention op that reads it: reshapes, token concatenation (MMDiT
+# joint attention), q/k normalisation and rotary embedding arithmetic
+_TO_ATTENTION = _RESHAPE | {
+    aten.cat.default, aten.stack.default, aten.unbind.int, aten.select.int, aten.slice.Tensor, aten.mul.Tensor,
+    aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.rms_norm.default, aten.layer_norm.default,
+    aten.native_layer_norm.default, aten.type_as.default, aten.view_as_real.default, aten.view_as_complex.default,
+    aten._to_copy.default, aten.pow.Tensor_Scalar, aten.mean.dim, aten.rsqrt.default,
+}
+
+
+# what lies between an attention op and the projection that reads its output (MMDiT splits the joint stream)
+_FROM_ATTENTION = _RESHAPE | {aten.slice.Tensor, operator.getitem, aten.select.int}
+
+
+def _producers(node, limit: int = 64) -> list[fx.Node]:
+    """The nodes outside ``_TO_ATTENTION`` that produce ``node`` (at most ``limit`` nodes visited)."""
+    out, frontier, seen = [], [node], set()
+    while frontier and len(seen) < limit:
+        n = frontier.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and (n.target in _TO_ATTENTION or n.target is operator.getitem):
+            frontier.extend(_tensor_inputs(n))
+        else:
+            out.append(n)
+    return out
+
+
+def _is_reshape(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in _RESHAPE
 
 
 def _is_shortcut(node: fx.Node) -> bool:
     """Its input fans out (the other branch reads it too) and its output is added to that branch."""
-    src = _producers(node.args[0])
+    src = _through(node.args[0], _RESHAPE, forward=False) if _is_reshape(node.args[0]) else [node.args[0]]
     fans_out = any(len(p.users) > 1 for p in src)
     added = any(u.op == "call_function" and u.target == aten.add.Tensor
                 for u in _through(node, _RESHAPE, forward=True))

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffpress._io import atomic_dir, check_writable
+import diffpress.conditions as conditions
 from diffpress.calibration import CalibrationSet, collect
 from diffpress.compress import registry
 from diffpress.denoiser import Denoiser
@@ -105,13 +106,13 @@ def _calibration_settings(den: Denoiser, cfg: CalibrationConfig, sampler: str | 
     """The part of a calibration set's metadata that must match the recipe for the set to be reused."""
     return {"num_samples": cfg.samples, "steps": cfg.steps, "scheduler": sampler or "model default",
             "guidance": den.default_guidance if cfg.guidance is None else cfg.guidance, "seed": cfg.seed,
-            "policy": dataclasses.asdict(cfg.policy)}
+            "policy": dataclasses.asdict(cfg.policy), "conditions": dataclasses.asdict(cfg.conditions)}
 
 
 def _check_reuse(cs: CalibrationSet, den: Denoiser, settings: dict[str, Any], fingerprint: str, path: Path) -> None:
     meta = cs.meta
-    cond_shape = tuple(cs.cond.shape[1:]) if cs.cond is not None else None
-    want_cond = None if den.cond_kind == "none" else (den.cond_shape if den.cond_kind == "hidden_states" else ())
+    cond_shape = conditions.shapes(cs.cond)
+    want_cond = None if den.cond_kind == "none" else den.cond_shape
     got = (tuple(meta.get("sample_shape", ())), meta.get("cond_kind"), cond_shape)
     if got != (tuple(den.sample_shape), den.cond_kind, want_cond):
         raise DiffpressError(
@@ -154,9 +155,12 @@ def _calibrate(den: Denoiser, cfg: CalibrationConfig, sampler: str | None, path:
             if not resume:
                 raise
             path.unlink()
+    conds, _ = conditions.materialize(den, cfg.conditions, cfg.samples, seed=cfg.seed)
+    conds.pop("num_samples", None)
     cs = collect(den, num_samples=cfg.samples, steps=cfg.steps, scheduler=sampler, guidance=cfg.guidance,
-                 policy=cfg.policy, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+                 policy=cfg.policy, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress, **conds)
     cs.meta["model_fingerprint"] = fingerprint
+    cs.meta["conditions"] = dataclasses.asdict(cfg.conditions)
     if path is None:
         return cs, "collected"
     cs.save(path)  # right away: a later failure of the run should not cost the collection
@@ -167,7 +171,8 @@ def _export(fmt: str, compressed: Denoiser, folder: Path, cfg) -> dict[str, Any]
     from diffpress.exporters import export_onnx, export_torchscript
 
     if fmt == "onnx":
-        res = export_onnx(compressed, folder, opset=cfg.opset, batch=cfg.batch, dynamic_batch=cfg.dynamic_batch)
+        res = export_onnx(compressed, folder, opset=cfg.opset, batch=cfg.batch, dynamic_batch=cfg.dynamic_batch,
+                          target=cfg.target)
         return {"format": fmt, "path": f"{folder.name}/model.onnx", "bytes": run_report.folder_bytes(folder),
                 "opset": cfg.opset, "verification": res.verification, "op_types": res.op_types,
                 "ort_op_types": res.ort_op_types}
@@ -301,6 +306,11 @@ def _run(recipe: Recipe, model, out, force: bool, progress: bool, cal_path: Path
             from diffpress.zoo import DEFAULT_MODEL
 
             reference = model if isinstance(model, Denoiser) else load(model if model is not None else DEFAULT_MODEL)
+            if out is not None:
+                reference.check_savable()  # before any work: a run that cannot write its model finds out now
+            for source in (recipe.calibration.conditions, ev.conditions):
+                if source.kind == "file":
+                    conditions.load_file(reference, source.path, 1)  # a bad embeddings file fails before any work
         cal_sampler, cal_sched = resolve_sampler(reference, recipe.calibration.sampler)
         cs, cal_source = None, "not needed: no pass uses calibration data"
         if recipe.needs_calibration:
@@ -314,10 +324,13 @@ def _run(recipe: Recipe, model, out, force: bool, progress: bool, cal_path: Path
                 pass_reports.append(step.spec.apply(compressed, step.config, cs, progress))
         eval_sampler, eval_sched = resolve_sampler(reference, ev.sampler)
         with stages("evaluate", f"{ev.samples} samples x {ev.steps} steps, both models, seeds {ev.seed}.."):
+            eval_conds, cond_note = conditions.materialize(reference, ev.conditions, ev.samples, seed=ev.seed)
             evaluation = evaluate(reference, compressed, num_samples=ev.samples, steps=ev.steps,
                                   scheduler=eval_sampler, guidance=ev.guidance, seed=ev.seed,
                                   latency_repeats=ev.latency_repeats, names=(label, f"{label} [{recipe.name}]"),
-                                  progress=progress)
+                                  cond=eval_conds.get("cond"), progress=progress)
+            if cond_note:
+                evaluation.notes.append(cond_note)
             if not evaluation["fidelity"]["candidate_finite"]:
                 raise DiffpressError("the compressed model's samples contain NaN or inf: it diverged, so there is "
                                      "no result to write; try a milder recipe (e.g. int8 weights, more calibration)")

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import yaml
 
 from diffpress.calibration.policies import TimestepPolicy
+from diffpress.conditions import ConditionSource
 from diffpress.errors import DiffpressError, check_allowed, check_at_least
 from diffpress.compress import registry
 from diffpress.recipes.passes import PassStep, check_order
@@ -45,7 +46,7 @@ class CalibrationConfig:
     """How calibration data is collected: the arguments of :func:`diffpress.calibrate`.
 
     ``samples`` trajectories of ``steps`` steps, seeds ``seed, seed+1, ...``; ``policy`` picks the steps
-    kept. ``sampler``: ``auto`` (the checkpoint's sampler, DDIM when it ships a DDPM training schedule
+    kept; ``conditions`` where the conditions come from (:class:`diffpress.conditions.ConditionSource`). ``sampler``: ``auto`` (the checkpoint's sampler, DDIM when it ships a DDPM training schedule
     or none), ``model``/null (the checkpoint's scheduler as it is) or a sampler name.
     """
 
@@ -56,6 +57,7 @@ class CalibrationConfig:
     seed: int = 1000  # apart from the evaluation seeds (0, 1, ...): quality is never measured on calibration data
     guidance: float | None = None  # null: the model's default (3 for conditional models with a null label, else 1)
     batch_size: int = 64
+    conditions: ConditionSource = field(default_factory=ConditionSource)  # labels / states / a file of embeddings
 
     def __post_init__(self) -> None:
         check_allowed("sampler", self.sampler, SAMPLERS)
@@ -73,6 +75,7 @@ class EvaluationConfig:
     sampler: str | None = "auto"
     guidance: float | None = None
     seed: int = 0
+    conditions: ConditionSource = field(default_factory=ConditionSource)
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "cond_accuracy", "fd_real", "size",
                                                         "ort_speed"])
     latency_repeats: int = 10  # PyTorch eager latency (of a fake-quant simulation for quantized models)
@@ -99,9 +102,15 @@ class ExportConfig:
     dtype: str = "float32"  # input / output dtype; float32 only so far
     dynamic_batch: bool | None = None  # null: true for ONNX; TorchScript traces a fixed batch
     batch: int = 2  # the batch traced (TorchScript's fixed batch)
+    # ONNX: the CPUs the artifact must agree on: "any" (AVX2 included) or "vnni" (VNNI / AMX / ARM / GPU);
+    # null: whatever the quantize pass's target was. An artifact quantized for vnni is refused for any
+    target: str | None = None
 
     def __post_init__(self) -> None:
         check_allowed("format", self.format, FORMATS)
+        check_allowed("target", self.target, (None, "any", "vnni"))
+        if self.target is not None and self.format != "onnx":
+            raise DiffpressError("target: only ONNX exports name a CPU target; remove the key or set it to null")
         check_allowed("dtype", self.dtype, ("float32",))
         check_at_least(self, 1, "batch")
         if self.format == "onnx":

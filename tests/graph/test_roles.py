@@ -61,6 +61,7 @@ def test_roles_on_a_plain_module():
     den = Denoiser(Toy().eval(), sample_shape=(2, 6, 6), cond_kind="hidden_states", cond_shape=(3,))
     graph = capture(den, batch=2)
     roles = {layer.name: set(layer.roles) for layer in graph.layers}
-    assert roles == {"model.temb": {"time_embedding"}, "model.cemb": {"cond_projection"}, "model.inp": {"first"},
+    # cemb makes a per-sample vector from the condition (a pooled embedding feeding the modulation)
+    assert roles == {"model.temb": {"time_embedding"}, "model.cemb": {"time_embedding"}, "model.inp": {"first"},
                      "model.body": {"body"}, "model.skip": {"shortcut"}, "model.out": {"last"}}
     assert {layer.name: layer.concat_split for layer in graph.layers}["model.out"] == 4
