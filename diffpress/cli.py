@@ -187,12 +187,22 @@ def cmd_run(args: argparse.Namespace) -> None:
         check_writable(args.out, args.force)
     if args.conditions is not None and not args.conditions.is_file():
         raise DiffpressError(f"--conditions: no file at {args.conditions}; give a safetensors file of embeddings")
+    if args.prompts is not None and not args.prompts.is_file():
+        raise DiffpressError(f"--prompts: no file at {args.prompts}; give a text file, one prompt per line")
+    if args.prompts is not None and args.conditions is not None:
+        raise DiffpressError("give --conditions or --prompts, not both")
+    if args.prompts is not None and not (args.model is not None and (Path(args.model) / "model_index.json").is_file()):
+        raise DiffpressError("--prompts: --model must be a diffusers pipeline folder (model_index.json with its text "
+                             "encoders), whose text encoders encode the prompts")
     from diffpress.recipes.schema import load_recipe
 
     sets = list(args.set)
     if args.conditions is not None:  # the same file for calibration and evaluation, before the user's --set
         sets[:0] = [f"{section}.conditions={{kind: file, path: {json.dumps(str(args.conditions))}}}"
                     for section in ("calibration", "evaluation")]
+    if args.prompts is not None:
+        sets[:0] = [f"{section}.conditions={{kind: prompts, path: {json.dumps(str(args.prompts))}, "
+                    f"pipeline: {json.dumps(str(args.model))}}}" for section in ("calibration", "evaluation")]
     recipe = load_recipe(args.recipe, sets)  # a bad recipe fails before the model is loaded
     from diffpress.recipes.runner import default_out, run_recipe
 
@@ -291,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "encoder_hidden_states, pooled_projections), used for calibration and evaluation; without it "
                         "class models use labels 0..N-1 and text models random states (see --set "
                         "calibration.conditions.kind=null|random)")
+    p.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                   help="a text file, one prompt per line, encoded by the text encoders of the --model pipeline "
+                        "folder, for calibration and evaluation (needs pip install 'diffpress[prompts]')")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
     p.set_defaults(func=cmd_run)
 

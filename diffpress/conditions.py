@@ -79,7 +79,7 @@ def shapes(cond: Cond) -> tuple | dict | None:
 
 
 # -- where conditions come from (a recipe's calibration / evaluation ``conditions``) -----------------------
-SOURCES = ("auto", "null", "random", "file")
+SOURCES = ("auto", "null", "random", "file", "prompts")
 
 
 @dataclass
@@ -91,7 +91,10 @@ class ConditionSource:
     states of the right shapes: not real text encodings, labelled as such in reports) or ``file`` (``path``:
     a safetensors file holding one tensor per conditioning input, named as the model names them, e.g.
     ``encoder_hidden_states``, ``pooled_projections``, ``text_embeds``; rows are reused in turn when fewer
-    than the samples; inputs with a fixed default such as SDXL's ``time_ids`` may be left out).
+    than the samples; inputs with a fixed default such as SDXL's ``time_ids`` may be left out) or ``prompts``
+    (``path``: a text file, one prompt per line, encoded by the text encoder(s) of the diffusers pipeline
+    folder ``pipeline``, as that pipeline encodes them, its empty-prompt encoding as the guidance null;
+    needs ``pip install diffpress[prompts]``, i.e. transformers).
 
     >>> ConditionSource("file")
     Traceback (most recent call last):
@@ -101,6 +104,7 @@ class ConditionSource:
 
     kind: str = "auto"
     path: str | None = None
+    pipeline: str | None = None  # kind prompts: the diffusers pipeline folder whose text encoders encode them
 
     def __post_init__(self) -> None:
         from diffpress.errors import check_allowed
@@ -108,18 +112,19 @@ class ConditionSource:
         check_allowed("conditions.kind", self.kind, SOURCES)
         if self.kind == "file" and not self.path:
             raise DiffpressError("conditions.path: kind 'file' needs the path of a safetensors file of embeddings")
-        if self.kind != "file" and self.path:
-            raise DiffpressError(f"conditions.path: only kind 'file' reads a file (kind is {self.kind!r})")
-
-    def describe(self) -> str:
-        return {"auto": "automatic", "null": "the model's null condition", "file": f"embeddings from {self.path}",
-                "random": "random normal hidden states (not text encodings)"}[self.kind]
+        if self.kind == "prompts" and not (self.path and self.pipeline):
+            raise DiffpressError("conditions: kind 'prompts' needs path (a text file, one prompt per line) and "
+                                 "pipeline (a diffusers pipeline folder with its text encoders)")
+        if self.kind not in ("file", "prompts") and self.path:
+            raise DiffpressError(f"conditions.path: only kinds 'file' and 'prompts' read a file (kind is {self.kind!r})")
+        if self.kind != "prompts" and self.pipeline:
+            raise DiffpressError(f"conditions.pipeline: only kind 'prompts' uses a pipeline (kind is {self.kind!r})")
 
 
 def materialize(denoiser, source: ConditionSource | None, n: int, seed: int = 0) -> tuple[dict, str | None]:
-    """Keyword arguments for :func:`diffpress.sample` / :func:`diffpress.calibrate` (``labels`` or ``cond``,
-    or ``num_samples`` for an unconditional model) for ``n`` samples from ``source``, and a note saying
-    what the conditions are when they are not real (random states) or None.
+    """Keyword arguments for :func:`diffpress.sample` / :func:`diffpress.calibrate` (``labels`` or ``cond``
+    and, for prompts, ``uncond``; ``num_samples`` for an unconditional model) for ``n`` samples from
+    ``source``, and a note saying what the conditions are when they are not real (random states) or None.
 
     >>> import diffpress
     >>> kw, note = materialize(diffpress.load("digits-dit"), ConditionSource(), 4)
@@ -136,6 +141,13 @@ def materialize(denoiser, source: ConditionSource | None, n: int, seed: int = 0)
         return {"cond": denoiser.null_cond(n)}, "unconditional samples (the model's null condition)"
     if source.kind == "file":
         return {"cond": load_file(denoiser, source.path, n)}, None
+    if source.kind == "prompts":
+        prompts = read_prompts(source.path)
+        cond, uncond = encode_prompts(denoiser, source.pipeline, prompts)
+        reps = -(-n // len(prompts))
+        cond = take(cat(*[cond] * reps), slice(0, n))
+        uncond = take(cat(*[uncond] * reps), slice(0, n)) if uncond is not None else None
+        return {"cond": cond, **({"uncond": uncond} if uncond is not None else {})}, None
     if source.kind == "auto" and denoiser.num_classes is not None:
         return {"labels": torch.arange(n) % denoiser.num_classes}, None
     return ({"cond": denoiser.example_cond(n, seed)},
@@ -165,23 +177,86 @@ def load_file(denoiser, path: str | Path, n: int) -> Cond:
     if len(rows) > 1 or 0 in rows:
         raise DiffpressError(f"conditions: the tensors in {path} must share a first (batch) dimension; got "
                              f"{ {k: tuple(v.shape) for k, v in state.items()} }")
-    have = rows.pop() if rows else 0
+    out = complete(denoiser, state, str(path))
+    reps = -(-n // rows.pop())
+    return apply(lambda v: v.repeat(reps, *([1] * (v.dim() - 1)))[:n], out)
+
+
+def complete(denoiser, values: dict[str, torch.Tensor], source: str) -> Cond:
+    """``values`` (one tensor per conditioning input, by name) checked against the model's inputs, with the
+    inputs that have a fixed default (sizes, masks) filled in where missing; one tensor for a one-input model."""
+    parts = denoiser.parts
+    have = int(next(iter(values.values())).shape[0])
     g = torch.Generator().manual_seed(0)
     out = {}
     for name, part in parts.items():
-        if name not in state:
+        if name not in values:
             if part.fill is None:
-                raise DiffpressError(f"conditions: {path} has no {name!r}; this model needs "
+                raise DiffpressError(f"conditions: {source} has no {name!r}; this model needs "
                                      f"{', '.join(k for k, p in parts.items() if p.fill is None)}")
-            out[name] = part.example(max(have, 1), g)
+            out[name] = part.example(have, g)
             continue
-        v = state[name]
+        v = values[name]
         if tuple(v.shape[1:]) != part.shape:
-            raise DiffpressError(f"conditions: {name} in {path} has per-sample shape {tuple(v.shape[1:])}; this model "
-                                 f"takes {part.shape}")
-        out[name] = v.to(part.dtype)
+            raise DiffpressError(f"conditions: {name} in {source} has per-sample shape {tuple(v.shape[1:])}; this "
+                                 f"model takes {part.shape}")
         if v.is_floating_point() and not torch.isfinite(v).all():
-            raise DiffpressError(f"conditions: {name} in {path} holds NaN or inf values; fix the embeddings")
-    reps = -(-n // have)
-    out = {k: v.repeat(reps, *([1] * (v.dim() - 1)))[:n] for k, v in out.items()}
+            raise DiffpressError(f"conditions: {name} in {source} holds NaN or inf values; fix the embeddings")
+        out[name] = v.to(part.dtype)
     return out if len(out) > 1 else next(iter(out.values()))
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a text file, one per non-empty line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DiffpressError(f"conditions: cannot read prompts from {path} ({exc}); give a UTF-8 text file, one "
+                             "prompt per line") from exc
+    prompts = [ln.strip() for ln in lines if ln.strip()]
+    if not prompts:
+        raise DiffpressError(f"conditions: {path} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def encode_prompts(denoiser, pipeline: str | Path, prompts: list[str]) -> tuple[Cond, Cond]:
+    """``prompts`` encoded as the diffusers pipeline in folder ``pipeline`` encodes them (only its text
+    encoders and tokenizers are loaded), and the null condition for guidance that the pipeline uses (the
+    empty prompt's encoding, or zeros where the pipeline says so); the null is None for families sampled
+    without classifier-free guidance. The family's adapter knows the pipeline's ``encode_prompt``."""
+    import json
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise DiffpressError("conditions: encoding prompts needs transformers: pip install 'diffpress[prompts]'") \
+            from None
+    import diffusers
+
+    folder = Path(pipeline)
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise DiffpressError(f"conditions.pipeline: {folder} is not a diffusers pipeline folder (no model_index.json)")
+    index = json.loads(index_path.read_text())
+    text = {k for k in index if k.startswith(("text_encoder", "tokenizer"))}
+    if not text:
+        raise DiffpressError(f"conditions.pipeline: {folder} has no text encoder or tokenizer")
+    # every other component ([library, class] entries: unet, vae, scheduler ...) stays unloaded
+    skip = {k: None for k, v in index.items() if isinstance(v, list) and len(v) == 2 and k not in text}
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **skip)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise DiffpressError(f"conditions.pipeline: could not load the text encoders of {folder} "
+                             f"({type(exc).__name__}: {exc})") from exc
+    with torch.no_grad():
+        encoded = denoiser.adapter.encode_prompts(pipe, prompts)
+    names = denoiser.cond_names
+    out = []
+    for label, value in zip(("the prompts", "the null prompt"), encoded):
+        if value is not None:
+            value = value if isinstance(value, dict) else {names[0]: value}
+            value = complete(denoiser, {k: v.float() for k, v in value.items()},
+                             f"{label} encoded by {folder.name}")
+        out.append(value)
+    return out[0], out[1]

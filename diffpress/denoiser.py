@@ -159,8 +159,8 @@ class Denoiser(nn.Module):
     @property
     def cond_shape(self) -> tuple | dict:
         """Per-sample shape of ``cond``: a tuple for one tensor, ``{name: shape}`` for several parts."""
-        if len(self.parts) == 1:
-            return next(iter(self.parts.values())).shape
+        if len(self.parts) <= 1:
+            return next(iter(self.parts.values())).shape if self.parts else ()
         return {k: p.shape for k, p in self.parts.items()}
 
     @property
@@ -196,7 +196,10 @@ class Denoiser(nn.Module):
 
     @property
     def default_guidance(self) -> float:
-        """3.0 for a conditional model with a null condition, else 1.0 (no guidance)."""
+        """The family's default (1 for guidance-distilled FLUX.1), else 3.0 for a conditional model with a null
+        condition and 1.0 (no guidance) otherwise."""
+        if self.adapter.guidance is not None:
+            return self.adapter.guidance
         return 3.0 if self.supports_guidance and self.cond_kind != "none" else 1.0
 
     def encode_labels(self, labels: torch.Tensor) -> torch.Tensor:
@@ -294,7 +297,9 @@ class Denoiser(nn.Module):
                 else:
                     self.conditioner.save_pretrained(tmp / "conditioner")
                 index["conditioner"] = ["diffpress", type(self.conditioner).__name__]
-            index["diffpress"] = {"prediction_type": self.prediction_type, "sample_shape": list(self.sample_shape)}
+            index["diffpress"] = {"prediction_type": self.prediction_type}
+            if self.sample_shape != self.adapter.sample_shape(self.model):  # not readable from the config
+                index["diffpress"]["sample_shape"] = list(self.sample_shape)
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         return Path(path)
 

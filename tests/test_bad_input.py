@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from diffpress.cli import main
@@ -56,7 +55,7 @@ CASES = [
      None, "sample {m} --out {out}", "which is not a diffusers scheduler"),
     ("unsupported-architecture",
      lambda m: _json(m / "transformer" / "config.json", lambda d: {**d, "_class_name": "UVit2DModel"}), None,
-     "inspect {m}", "which diffpress does not support; supported:"),
+     "inspect {m}", "holds a UVit2DModel: UVit2DModel (aMUSEd) is a masked-token generator"),
     ("truncated-weights", lambda m: next((m / "transformer").glob("*.safetensors")).write_bytes(
         next((m / "transformer").glob("*.safetensors")).read_bytes()[:1000]), None,
      "sample {m} --out {out}", "is corrupt or truncated"),

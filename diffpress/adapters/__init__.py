@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from diffpress.adapters.auraflow import AuraFlow
-from diffpress.adapters.base import Adapter, ModuleAdapter, Part, Refused
+from diffpress.adapters.base import Adapter, ModuleAdapter, Part
 from diffpress.adapters.dit import DiT
 from diffpress.adapters.flux import Flux
 from diffpress.adapters.hunyuandit import HunyuanDiT

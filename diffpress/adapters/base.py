@@ -56,6 +56,7 @@ class Adapter:
     sampler: str | None = None  # None: DDIM
     timestep_dtype = torch.long
     refuse: str | None = None
+    guidance: float | None = None  # the default guidance scale; None: 3 with a null condition, else 1
 
     def model_class(self, class_name: str) -> type:
         """The class that loads a checkpoint of this family (diffusers' by default)."""
@@ -85,6 +86,11 @@ class Adapter:
 
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         raise NotImplementedError
+
+    def encode_prompts(self, pipe: Any, prompts: list[str]) -> tuple[Any, Any]:
+        """``(cond, uncond)`` for ``prompts`` through the diffusers pipeline ``pipe`` (text components loaded)."""
+        raise DiffpressError(f"encoding prompts for {self.name} models is not built in; encode them with the "
+                             "pipeline yourself and give the embeddings as a file (conditions kind 'file')")
 
     @staticmethod
     def kwargs(cond: Any, parts: dict[str, Part]) -> dict[str, torch.Tensor]:

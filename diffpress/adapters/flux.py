@@ -14,6 +14,7 @@ class Flux(Adapter):
     prediction_type = "flow"
     sampler = "flow-euler"
     timestep_dtype = torch.float32
+    guidance = 1.0  # FLUX.1 is guidance-distilled: sampled without classifier-free guidance
 
     def sample_shape(self, model):
         return (model.config.in_channels // 4, 128, 128)  # the pipeline's default: 1024 px through an 8x VAE
@@ -37,3 +38,7 @@ class Flux(Adapter):
         out = model(tokens, timestep=t / 1000, img_ids=ids.reshape(-1, 3), txt_ids=txt_ids, **cond).sample
         out = out.reshape(b, h // 2, w // 2, -1, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(b, -1, h, w)
+
+    def encode_prompts(self, pipe, prompts):
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device="cpu")
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}, None

@@ -21,3 +21,9 @@ class SD3(Adapter):
 
     def forward(self, model, x, t, cond):
         return model(x, timestep=t, **cond).sample
+
+    def encode_prompts(self, pipe, prompts):
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                                             device="cpu", do_classifier_free_guidance=True)
+        return ({"encoder_hidden_states": embeds, "pooled_projections": pooled},
+                {"encoder_hidden_states": neg, "pooled_projections": neg_pooled})

@@ -38,3 +38,12 @@ class UNet2DCondition(Adapter):
             added = {k: cond[k] for k in ("text_embeds", "time_ids")}
             return model(x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
         return model(x, t, encoder_hidden_states=cond).sample
+
+    def encode_prompts(self, pipe, prompts):
+        if getattr(pipe, "text_encoder_2", None) is None:  # SD 1.x / 2.x: the empty prompt's encoding is the null
+            return pipe.encode_prompt(prompts, "cpu", 1, True)
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, device="cpu", num_images_per_prompt=1,
+                                                             do_classifier_free_guidance=True)
+        # SDXL: the null is zeros when the pipeline forces zeros for an empty prompt; time_ids are filled in
+        return ({"encoder_hidden_states": embeds, "text_embeds": pooled},
+                {"encoder_hidden_states": neg, "text_embeds": neg_pooled})

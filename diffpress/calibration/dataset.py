@@ -133,6 +133,7 @@ def collect(
     policy: TimestepPolicy | None = None,
     labels: torch.Tensor | None = None,
     cond: conditions.Cond = None,
+    uncond: conditions.Cond = None,
     seed: int = 1000,
     batch_size: int = 64,
     progress: bool = True,
@@ -141,7 +142,8 @@ def collect(
 
     Seeds start at 1000 by default, apart from the evaluation seeds (0, 1, ...), so quality is never
     measured on the calibration trajectories. Conditional models get labels ``0..num_classes-1``
-    repeated unless ``labels`` or ``cond`` is given; with guidance both branches are kept.
+    repeated unless ``labels`` or ``cond`` is given (``uncond``: the guidance null per sample, default the
+    model's null condition); with guidance both branches are kept.
 
     >>> from diffpress import load
     >>> cs = collect(load("digits-cond-unet"), num_samples=4, steps=10,
@@ -172,6 +174,7 @@ def collect(
                 kw["labels"] = torch.as_tensor(labels)[lo:hi]
             elif cond is not None:
                 kw["cond"] = conditions.take(cond, slice(lo, hi))
+                kw["uncond"] = conditions.take(uncond, slice(lo, hi))  # None: the model's null condition
             else:
                 kw["num_samples"] = hi - lo
             with denoiser.runtime.using(mode="calibrate"):

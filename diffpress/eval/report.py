@@ -136,6 +136,7 @@ def evaluate(
     latency_repeats: int = 10,
     names: tuple[str, str] = ("reference", "candidate"),
     cond: Any = None,
+    uncond: Any = None,
     progress: bool = True,
 ) -> Report:
     """Sample both denoisers with identical settings and seeds and measure what the candidate costs.
@@ -144,7 +145,8 @@ def evaluate(
     single-channel models (the digits zoo) also the Fréchet distance to real digits in the digits
     classifier's feature space and, with class labels, conditional accuracy. Cost: parameters,
     bytes, MACs per call and per sample, latency per call and per sampling run. ``cond``: the conditions
-    to sample with (one per sample); by default class labels ``0, 1, ...``, or random hidden states.
+    to sample with (one per sample; ``uncond``, the guidance null for each); by default class labels
+    ``0, 1, ...``, or random hidden states.
 
     >>> import diffpress
     >>> den = diffpress.load("digits-unet")
@@ -155,6 +157,8 @@ def evaluate(
     guidance = reference.default_guidance if guidance is None else guidance
     notes: list[str] = []
     conds = _conditions(reference, num_samples, seed, cond, notes)
+    if uncond is not None:
+        conds["uncond"] = conditions.take(uncond, slice(0, num_samples))
     kw = dict(guidance=guidance, steps=steps, scheduler=scheduler, seed=seed, progress=progress, **conds)
     ref_out = sample(reference, **kw)
     cand_out = sample(candidate, **kw)
@@ -175,7 +179,7 @@ def evaluate(
     models: dict[str, dict[str, Any]] = {}
     x1, t1, c1 = reference.example_inputs(1)
     one = {"num_samples": 1} if reference.cond_kind == "none" else {k: conditions.take(v, slice(0, 1)) for k, v in conds.items()}
-    run_kw = {k: v for k, v in kw.items() if k not in ("num_samples", "labels", "cond")}
+    run_kw = {k: v for k, v in kw.items() if k not in ("num_samples", "labels", "cond", "uncond")}
     run_kw.update(one, progress=False)
     lat_call = cost.latency_side_by_side(
         {"reference": lambda: reference(x1, t1, c1), "candidate": lambda: candidate(x1, t1, c1)},

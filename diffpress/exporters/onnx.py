@@ -26,6 +26,7 @@ from diffpress._io import atomic_dir
 from diffpress.compress import registry
 from diffpress.denoiser import Denoiser, eval_mode
 from diffpress.errors import DiffpressError
+from diffpress.exporters.cpu import cpu_flags, integer_kernels_agree
 from diffpress.exporters.plan import (ExportPlan, GraphSpec, build_plan, describe, example_feed, io_names,  # noqa: F401
                                       rel_rms, write_io_spec)
 
@@ -143,42 +144,6 @@ def ort_session(path: str | Path, threads: int = 0, optimized_path: str | Path |
         raise DiffpressError(f"ONNX Runtime {ort.__version__} cannot load {Path(path).name}: {first}. The exported graph "
                              "uses something this runtime rejects; try another opset (--opset / exports.N.opset) "
                              "or report it with the model's config") from exc
-
-
-INT8_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu_flags() -> list[str]:
-    """The running CPU's instruction sets that decide which int8 kernels ONNX Runtime runs (Linux: from
-    /proc/cpuinfo; an empty list where that cannot be read).
-
-    >>> set(cpu_flags()) <= set(INT8_FLAGS)
-    True
-    """
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    have = set(line.partition(":")[2].split())
-    return [f for f in INT8_FLAGS if f in have]
-
-
-def integer_kernels_agree(target: str | None, flags: list[str] | None = None) -> bool | None:
-    """Whether ONNX Runtime's u8 x s8 kernels compute an artifact of quantize ``target`` exactly on a CPU with
-    ``flags`` (default: this one): always for ``any``; for ``vnni`` only with VNNI or AMX; None if unknown.
-
-    >>> integer_kernels_agree("vnni", ["avx2"]), integer_kernels_agree("any", ["avx2"])
-    (False, True)
-    """
-    flags = cpu_flags() if flags is None else flags
-    if target in (None, "any"):
-        return True
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
-        return True  # ARM's int8 dot products accumulate in int32
-    if not flags:
-        return None
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def supported_opsets() -> range:

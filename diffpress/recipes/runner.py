@@ -328,7 +328,7 @@ def _run(recipe: Recipe, model, out, force: bool, progress: bool, cal_path: Path
             evaluation = evaluate(reference, compressed, num_samples=ev.samples, steps=ev.steps,
                                   scheduler=eval_sampler, guidance=ev.guidance, seed=ev.seed,
                                   latency_repeats=ev.latency_repeats, names=(label, f"{label} [{recipe.name}]"),
-                                  cond=eval_conds.get("cond"), progress=progress)
+                                  cond=eval_conds.get("cond"), uncond=eval_conds.get("uncond"), progress=progress)
             if cond_note:
                 evaluation.notes.append(cond_note)
             if not evaluation["fidelity"]["candidate_finite"]:

@@ -3,6 +3,7 @@ import stat
 
 import pytest
 import torch
+from torch import nn
 import diffpress
 from diffpress.calibration import TimestepPolicy, collect
 from diffpress.compress import QuantizeConfig, quantize_
@@ -116,20 +117,61 @@ def test_role_skipped_layers_can_keep_int8_weights(setup, tmp_path):
     assert torch.equal(diffpress.load(tmp_path / "q")(x, t, c), q(x, t, c))
 
 
-def test_reduce_range_keeps_int8_weights_on_7_bits(tmp_path):
-    """ONNX Runtime's reduce_range: |q| <= 63, so u8 x s8 pair sums fit int16 on AVX2 CPUs without VNNI."""
+def test_target_any_keeps_w8a8_weights_on_7_bits(tmp_path):
+    """Target any (the default): |q| <= 63, so ONNX Runtime's u8 x s8 pair sums fit int16 on AVX2 CPUs without
+    VNNI; weight-only layers (no integer kernel) and target vnni keep the full int8 range."""
     import diffpress
 
     den = diffpress.load("digits-dit")
+    cs = diffpress.calibrate(den, num_samples=4, steps=10, progress=False)
+    bits = {}
+    for name, config in {"any": QuantizeConfig(), "vnni": QuantizeConfig(target="vnni"),
+                         "weight-only": QuantizeConfig(activations=None)}.items():
+        q = den.copy()
+        report = diffpress.quantize_(q, config, cs, progress=False)
+        ints = [b for n, b in q.named_buffers() if n.rsplit(".", 1)[-1].startswith("weight_q")]
+        bits[name] = ({s["weight_bits"] for s in report.quantized}, max(int(b.abs().max()) for b in ints))
+        if name == "any":
+            x, t, c = den.example_inputs(2, seed=1)
+            with torch.no_grad():
+                ref, out = den(x, t, c), q(x, t, c)
+            assert float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()) < 0.05
+            q.save_pretrained(tmp_path / "m")
+            with torch.no_grad():
+                assert torch.equal(diffpress.load(tmp_path / "m")(x, t, c), out)
+    assert bits == {"any": ({7}, 63), "vnni": ({8}, 127), "weight-only": ({8}, 127)}
+
+
+def test_same_padding_convs_are_quantized_and_transposed_convs_reported():
+    """``nn.Conv2d(padding="same")`` (aten.conv2d.padding) is a compute layer like any other; a ConvTranspose2d
+    is left in float with the true reason (no transposed-convolution quantizer), not as an activation product."""
+    import diffpress
+    from diffpress import Denoiser
+    from diffpress.graph import capture
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 8, 3, padding="same")
+            self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+            self.b = nn.Conv2d(8, 8, 5, padding="same", dilation=2)
+            self.c = nn.Conv2d(8, 2, 3, padding=1)
+
+        def forward(self, x, t, cond):
+            h = torch.relu(self.a(x))
+            h = self.up(h)[:, :, ::2, ::2]
+            return self.c(torch.relu(self.b(h)))
+
+    den = Denoiser(Net().eval(), sample_shape=(2, 8, 8))
+    layers = {layer.name: layer for layer in capture(den, batch=2).layers}
+    assert layers["model.a"].op == "conv2d" and layers["model.a"].macs == 2 * 8 * 64 * 2 * 9
+    assert "first" in layers["model.a"].roles
     q = den.copy()
-    report = diffpress.quantize_(q, QuantizeConfig(reduce_range=True, activations=None), progress=False)
-    assert {s["weight_bits"] for s in report.quantized} == {7}
-    ints = [b for n, b in q.named_buffers() if n.rsplit(".", 1)[-1].startswith("weight_q")]
-    assert ints and max(int(b.abs().max()) for b in ints) == 63
-    x, t, c = den.example_inputs(2, seed=1)
+    report = diffpress.quantize_(q, QuantizeConfig(activations=None, skip_roles=[]), progress=False)
+    assert {s["name"] for s in report.quantized} == {"model.a", "model.b", "model.c"}
+    assert report.skipped == [{"name": "model.up", "reason": "conv_transpose2d (ConvTranspose2d): this pass rewrites "
+                                                            "linear, conv2d layers only, not conv_transpose2d"}]
+    x, t, _ = den.example_inputs(2)
     with torch.no_grad():
-        ref, out = den(x, t, c), q(x, t, c)
-    assert float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()) < 0.05
-    q.save_pretrained(tmp_path / "m")
-    with torch.no_grad():
-        assert torch.equal(diffpress.load(tmp_path / "m")(x, t, c), out)
+        ref, out = den(x, t), q(x, t)
+    assert float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()) < 0.02

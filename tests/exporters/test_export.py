@@ -11,7 +11,7 @@ from diffpress import Denoiser
 from diffpress.calibration import TimestepPolicy, collect
 from diffpress.compress import QuantizeConfig, quantize_
 from diffpress.exporters import export_onnx, export_torchscript
-from diffpress.exporters.onnx import example_feed, ort_session
+from diffpress.exporters.onnx import example_feed
 from diffpress.zoo.models import training_scheduler
 
 

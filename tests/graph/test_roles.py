@@ -65,3 +65,40 @@ def test_roles_on_a_plain_module():
     assert roles == {"model.temb": {"time_embedding"}, "model.cemb": {"time_embedding"}, "model.inp": {"first"},
                      "model.body": {"body"}, "model.skip": {"shortcut"}, "model.out": {"last"}}
     assert {layer.name: layer.concat_split for layer in graph.layers}["model.out"] == 4
+
+
+def test_mmdit_and_sdxl_roles():
+    """Per-sample vectors made without x_t (timestep, pooled-text and size embedders, adaLN modulation) are
+    time_embedding; the text stream before the first joint attention is cond_projection; joint attention's
+    q / k / v are found through the token concatenation, q/k norms and rotary embeddings."""
+    from families import build
+
+    import diffpress
+
+    sd3 = _roles(Denoiser(build("sd3")))
+    block = "model.transformer_blocks.0"
+    assert sd3["model.time_text_embed.text_embedder.linear_1"] == {"time_embedding"}  # pooled text
+    assert sd3[f"{block}.norm1_context.linear"] == {"time_embedding"}
+    assert sd3["model.context_embedder"] == {"cond_projection"}
+    assert sd3[f"{block}.attn.add_q_proj"] == {"attn_q", "cond_projection"}
+    assert sd3[f"{block}.attn.to_k"] == {"attn_k"} and sd3[f"{block}.attn.to_add_out"] == {"attn_out"}
+    assert sd3["model.transformer_blocks.1.attn.add_v_proj"] == {"attn_v"}  # the text stream has seen x_t
+
+    flux = _roles(Denoiser(build("flux"), sample_shape=(4, 16, 16)))
+    assert flux["model.time_text_embed.text_embedder.linear_2"] == {"time_embedding"}
+    assert flux[f"{block}.attn.to_q"] == {"attn_q"}  # through RMS q-norm and rotary embedding
+    assert flux[f"{block}.attn.add_k_proj"] == {"attn_k", "cond_projection"}
+    assert flux[f"{block}.attn.to_add_out"] == {"attn_out"}  # the joint output, split back into two streams
+    assert flux["model.single_transformer_blocks.0.attn.to_v"] == {"attn_v"}
+
+    sdxl = Denoiser(build("sdxl"))
+    roles = _roles(sdxl)
+    assert roles["model.add_embedding.linear_1"] == {"time_embedding"}  # pooled text + size ids
+    # the default skip roles keep the vector path in float and quantize the text stream
+    q = sdxl.copy()
+    cs = diffpress.calibrate(sdxl, num_samples=2, steps=3, cond=sdxl.example_cond(2), progress=False)
+    report = diffpress.quantize_(q, diffpress.QuantizeConfig(), cs, progress=False)
+    skipped = {s["name"]: s["reason"] for s in report.skipped}
+    assert skipped["model.add_embedding.linear_2"] == "role time_embedding (skip_roles)"
+    attn2 = "model.down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    assert f"{attn2}.to_k" in {s["name"] for s in report.quantized}
