@@ -24,6 +24,7 @@ import torch
 
 from diffpress import Denoiser, TimestepPolicy, calibrate, export_onnx, quantize_
 from diffpress.compress import QuantizeConfig
+from diffpress.exporters.cpu import cpu_flags
 from diffpress.exporters.onnx import example_feed, ort_session
 from diffpress.zoo import architectures
 
@@ -38,7 +39,7 @@ def folder_bytes(path: Path) -> int:
 
 
 def bench(name: str, sample_size: int, batch: int, repeats: int, threads: int, work: Path,
-          skip_roles_weights: str | None = None) -> dict:
+          skip_roles_weights: str | None = None, target: str = "any") -> dict:
     t0 = time.perf_counter()
     model = architectures.build(name, sample_size=sample_size)
     den = Denoiser(model, cond_shape=(77, model.config.cross_attention_dim) if name == "sd15-unet" else None)
@@ -49,7 +50,7 @@ def bench(name: str, sample_size: int, batch: int, repeats: int, threads: int, w
                    batch_size=4, progress=False)
     fp32 = export_onnx(den, work / f"{name}-fp32", batch=batch, force=True)
     q = den.copy()
-    report = quantize_(q, QuantizeConfig(skip_roles_weights=skip_roles_weights), cs, progress=False)
+    report = quantize_(q, QuantizeConfig(skip_roles_weights=skip_roles_weights, target=target), cs, progress=False)
     del den
     int8 = export_onnx(q, work / f"{name}-w8a8", batch=batch, force=True)
     feeds = example_feed(q, batch, seed=5)
@@ -89,14 +90,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-roles-weights", choices=["int8"], default=None,
                         help="give the layers that skip_roles keep in float int8 weights (weight-only)")
+    parser.add_argument("--target", choices=["any", "vnni"], default="any",
+                        help="quantize target: any (7-bit int8 weights, exact on every x86 CPU) or vnni")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/onnx_speed.json"))
     args = parser.parse_args()
     results = {"settings": {**vars(args), "out": str(args.out), "machine": platform.machine(),
-                            "processor": platform.processor(), "torch": torch.__version__}, "runs": []}
+                            "processor": platform.processor(), "cpu_int8_flags": cpu_flags(),
+                            "torch": torch.__version__}, "runs": []}
     with tempfile.TemporaryDirectory() as work:
         for name in args.archs:
             row = bench(name, args.sample_size, args.batch, args.repeats, args.threads, Path(work),
-                        args.skip_roles_weights)
+                        args.skip_roles_weights, args.target)
             print(json.dumps(row))
             results["runs"].append(row)
             args.out.parent.mkdir(parents=True, exist_ok=True)

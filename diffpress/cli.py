@@ -59,8 +59,13 @@ def _add_sampling(p: argparse.ArgumentParser, steps: int = 50) -> None:
     from diffpress.schedulers import SCHEDULERS
 
     p.add_argument("--steps", type=_positive, default=steps, help=f"sampling steps (default: {steps})")
-    p.add_argument("--scheduler", default="ddim", choices=[*SCHEDULERS, "model"],
-                   help="diffusers scheduler; 'model' uses the one the checkpoint shipped with (default: ddim)")
+    p.add_argument("--scheduler", default="auto", choices=["auto", *SCHEDULERS, "model"],
+                   help="diffusers scheduler; 'model': the one the checkpoint shipped with; 'auto' (default): that "
+                        "one unless it is a DDPM training schedule or missing, then DDIM (flow-euler for "
+                        "flow-matching models)")
+    p.add_argument("--conditions", type=Path, default=None, metavar="FILE",
+                   help="text-conditioned models: a safetensors file of embeddings, one tensor per conditioning "
+                        "input (rows reused in turn)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: 3.0 for conditional models, else 1)")
     p.add_argument("--seed", type=_count, default=0, help="sample i uses seed SEED+i (default: 0)")
@@ -135,11 +140,17 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     den = load(args.model)
     kw: dict = {}
-    if den.cond_kind != "none":
+    if den.cond_kind != "none" and args.conditions is not None:
+        if labels is not None:
+            raise DiffpressError("give --labels or --conditions, not both")
+        from diffpress.conditions import load_file
+
+        kw["cond"] = load_file(den, args.conditions, args.num)
+    elif den.cond_kind != "none":
         if labels is None:
             if den.num_classes is None:
-                raise DiffpressError("this model is conditioned on hidden states; sample it from Python "
-                                     "with diffpress.sample(den, cond=...)")
+                raise DiffpressError("this model is conditioned on hidden states; give --conditions "
+                                     "EMBEDDINGS.safetensors (or sample from Python with diffpress.sample(den, cond=...))")
             labels = [i % den.num_classes for i in range(args.num)]
         kw["labels"] = labels
     else:
@@ -167,8 +178,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise DiffpressError(
             f"the models do not take the same inputs: {args.reference} {ref.sample_shape}/{ref.cond_kind} vs "
             f"{args.candidate} {cand.sample_shape}/{cand.cond_kind}")
+    cond = None
+    if args.conditions is not None and ref.cond_kind != "none":
+        from diffpress.conditions import load_file
+
+        cond = load_file(ref, args.conditions, args.samples)
     report = evaluate(ref, cand, num_samples=args.samples, steps=args.steps, scheduler=_scheduler(args.scheduler),
-                      guidance=args.guidance, seed=args.seed, names=(str(args.reference), str(args.candidate)))
+                      guidance=args.guidance, seed=args.seed, names=(str(args.reference), str(args.candidate)),
+                      cond=cond)
     if not report["fidelity"]["candidate_finite"]:
         raise DiffpressError(f"the samples of {args.candidate} contain NaN or inf (the model diverged, or its weights "
                              f"are broken); {args.out} was not written")
