@@ -69,7 +69,8 @@ class PassSpec:
     - ``simulated``: empty when the PyTorch model computes what the deployed artifact computes; else a
       sentence saying what the PyTorch model only simulates (reports print it beside quality figures).
     - ``export_rtol``: relative RMS within which an exported artifact must match the PyTorch model.
-    - ``onnx_ops``: the exported ONNX graph must contain at least one node of these types (empty: no check).
+    - ``onnx_ops``: the exported ONNX graph must contain at least one node of these types (empty: no check);
+      or a function of the pass's record giving them (e.g. none when the pass rewrote no layer).
     - ``min_opset(config)``: ``(opset, why)``, the oldest ONNX opset that can express the pass with this
       config and a sentence saying why (``(0, "")``: any).
     - ``onnx_rewrite(model, record)``: edits the exported ``onnx_ir`` model in place (e.g. retypes integer
@@ -91,7 +92,7 @@ class PassSpec:
     description: str = ""
     simulated: str = ""
     export_rtol: float = FLOAT_RTOL
-    onnx_ops: tuple[str, ...] = ()
+    onnx_ops: tuple[str, ...] | Callable[[dict], tuple[str, ...]] = ()
     min_opset: Callable[[Any], tuple[int, str]] = _no_opset
     onnx_rewrite: Callable[[Any, dict], dict] | None = None
     io_spec_defaults: dict[str, Any] = field(default_factory=dict)

@@ -110,7 +110,8 @@ def build_plan(denoiser: Denoiser, sample_shape: tuple[int, int, int] | None = N
                      "one denoiser call: the model's prediction for (x_t, t, cond)")
     records = denoiser.compression
     plan = ExportPlan(denoiser, [main], rtol=registry.export_rtol(records),
-                      required_ops=[(s.name, s.onnx_ops) for s, _ in registry.specs(records) if s.onnx_ops],
+                      required_ops=[(s.name, ops) for s, r in registry.specs(records)
+                                    if (ops := s.onnx_ops(r) if callable(s.onnx_ops) else s.onnx_ops)],
                       simulated=registry.simulation_notes(records), min_opset=registry.min_opset(records))
     for spec, record in registry.specs(records):
         if spec.export_plan is not None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from diffpress import Denoiser
+from diffpress import Denoiser, DiffpressError
 from diffpress.calibration import TimestepPolicy, collect
 from diffpress.compress import QuantizeConfig, quantize_
 from diffpress.exporters import export_onnx, export_torchscript
@@ -156,3 +156,27 @@ def test_int4_weights_can_export_as_int8_initializers_for_the_integer_kernels(tm
                                                           for t in model.graph.initializer)
     assert res.ort_op_types.get("com.microsoft::QLinearConv", 0) + res.ort_op_types.get("QLinearConv", 0) >= 10
     assert res.verification["passed"]
+
+
+def test_onnx_runtime_failures_are_diffpress_errors(tmp_path):
+    from diffpress.exporters.onnx import ort_session
+
+    (tmp_path / "broken.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(DiffpressError, match=r"ONNX Runtime .* cannot load broken.onnx: .*try another opset"):
+        ort_session(tmp_path / "broken.onnx")
+
+
+def test_a_no_op_squeeze_is_dropped_so_onnx_runtime_loads_the_graph(tmp_path):
+    """torch.squeeze on an axis that is not 1 is a no-op; exported as ONNX Squeeze it fails at load time."""
+    class Squeezy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x, t, cond):
+            h = self.conv(x).flatten(2)         # (B, 2, 64)
+            return (h.squeeze(1) + t.float()[:, None, None] * 0).reshape(x.shape)  # squeeze(1) on size 2: no-op
+
+    den = Denoiser(Squeezy().eval(), sample_shape=(2, 8, 8))
+    res = export_onnx(den, tmp_path / "sq")
+    assert res.verification["passed"] and "Squeeze" not in res.op_types and res.op_types.get("Identity")

@@ -197,3 +197,16 @@ def test_an_interrupted_run_resumes_from_its_calibration(tmp_path, monkeypatch, 
     res = diffpress.run_recipe("fast", "digits-dit", out=tmp_path / "b",
                                overrides=[*tiny, "calibration.samples=3"], progress=False)
     assert res["calibration"]["source"].startswith("collected") and not runner.resume_file(tmp_path / "b").exists()
+
+
+def test_a_plain_module_cannot_be_saved_and_the_run_says_so_before_any_work(plain, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "_calibrate", lambda *a, **k: pytest.fail("calibrated a run that cannot be written"))
+    with pytest.raises(DiffpressError, match="plain nn.Module, which diffpress cannot save"):
+        diffpress.run_recipe("fast", plain, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    # without an output folder nothing needs saving: the same run works
+    res = diffpress.run_recipe("fast", plain, None, progress=False, overrides=[
+        "calibration.samples=2", "calibration.steps=3", "calibration.policy.count=2", "evaluation.samples=2",
+        "evaluation.steps=3", "evaluation.latency_repeats=1", "evaluation.metrics=[psnr]", "exports=[{format: onnx}]"])
+    assert res["exports"][0]["verification"]["passed"]
