@@ -2,17 +2,12 @@
 timesteps enter as ``t / 1000``, as the pipeline passes them."""
 from __future__ import annotations
 
-import torch
-
-from diffpress.adapters.base import Adapter, Part
+from diffpress.adapters.base import FlowAdapter, Part
 
 
-class AuraFlow(Adapter):
+class AuraFlow(FlowAdapter):
     name = "auraflow"
     classes = ("AuraFlowTransformer2DModel",)
-    prediction_type = "flow"
-    sampler = "flow-euler"
-    timestep_dtype = torch.float32
 
     def parts(self, model, sample_shape):
         return {"encoder_hidden_states": Part((256, model.config.joint_attention_dim))}

@@ -112,6 +112,15 @@ class Adapter:
         return out
 
 
+class FlowAdapter(Adapter):
+    """A rectified-flow family (SD3, Flux, Sana, AuraFlow): predicts velocity, samples with flow-matching Euler,
+    takes float timesteps (``sigma * 1000`` from the scheduler)."""
+
+    prediction_type = "flow"
+    sampler = "flow-euler"
+    timestep_dtype = torch.float32
+
+
 class ModuleAdapter(Adapter):
     """A plain ``nn.Module`` whose forward is ``(x, t, cond)``; shapes come from the user."""
 

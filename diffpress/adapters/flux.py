@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from diffpress.adapters.base import Adapter, Part
+from diffpress.adapters.base import FlowAdapter, Part
 
 
-class Flux(Adapter):
+class Flux(FlowAdapter):
     name = "flux"
     classes = ("FluxTransformer2DModel",)
-    prediction_type = "flow"
-    sampler = "flow-euler"
-    timestep_dtype = torch.float32
     guidance = 1.0  # FLUX.1 is guidance-distilled: sampled without classifier-free guidance
 
     def sample_shape(self, model):

@@ -2,17 +2,12 @@
 scaled by the config's ``timestep_scale`` as the pipeline does; optional distilled guidance as a part."""
 from __future__ import annotations
 
-import torch
-
-from diffpress.adapters.base import Adapter, Part
+from diffpress.adapters.base import FlowAdapter, Part
 
 
-class Sana(Adapter):
+class Sana(FlowAdapter):
     name = "sana"
     classes = ("SanaTransformer2DModel",)
-    prediction_type = "flow"
-    sampler = "flow-euler"
-    timestep_dtype = torch.float32
 
     def parts(self, model, sample_shape):
         parts = {"encoder_hidden_states": Part((300, model.config.caption_channels))}

@@ -2,17 +2,12 @@
 projections; rectified flow, timesteps ``sigma * 1000`` as the pipeline passes them."""
 from __future__ import annotations
 
-import torch
-
-from diffpress.adapters.base import Adapter, Part
+from diffpress.adapters.base import FlowAdapter, Part
 
 
-class SD3(Adapter):
+class SD3(FlowAdapter):
     name = "sd3"
     classes = ("SD3Transformer2DModel",)
-    prediction_type = "flow"
-    sampler = "flow-euler"
-    timestep_dtype = torch.float32
 
     def parts(self, model, sample_shape):
         c = model.config  # 77 CLIP tokens + 256 T5 tokens, as the SD3 pipeline concatenates them
