@@ -91,7 +91,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         "prediction_type": den.prediction_type,
         "sample_shape": list(den.sample_shape),
         "conditioning": den.cond_kind,
-        "cond_shape": list(den.cond_shape),
+        "cond_inputs": {name: list(part.shape) for name, part in den.parts.items()},
         "num_classes": den.num_classes,
         "guidance": den.supports_guidance,
         "scheduler": (den.scheduler_config or {}).get("_class_name"),
@@ -106,7 +106,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"{info['model']}: {info['architecture']} ({den.kind})")
     print(f"  prediction     {den.prediction_type}")
     print(f"  sample shape   {tuple(den.sample_shape)}")
-    cond = den.cond_kind + (f", shape {tuple(den.cond_shape)}" if den.cond_shape else "")
+    shapes = ", ".join(f"{name} {tuple(part.shape)}" for name, part in den.parts.items() if part.shape)
+    cond = den.cond_kind + (f": {shapes}" if shapes else "")
     cond += f", {den.num_classes} classes" if den.num_classes else ""
     cond += ", label conditioner" if den.conditioner is not None else ""
     print(f"  conditioning   {cond}{' (classifier-free guidance)' if den.supports_guidance else ''}")

@@ -180,3 +180,19 @@ def test_a_no_op_squeeze_is_dropped_so_onnx_runtime_loads_the_graph(tmp_path):
     den = Denoiser(Squeezy().eval(), sample_shape=(2, 8, 8))
     res = export_onnx(den, tmp_path / "sq")
     assert res.verification["passed"] and "Squeeze" not in res.op_types and res.op_types.get("Identity")
+
+
+def test_export_names_its_cpu_target_and_refuses_one_the_weights_do_not_suit(tmp_path):
+    import diffpress
+
+    den = diffpress.load("digits-dit")
+    cs = collect(den, num_samples=2, steps=4, policy=TimestepPolicy("uniform", count=2), progress=False)
+    q = den.copy()
+    quantize_(q, QuantizeConfig(target="vnni"), cs, progress=False)
+    with pytest.raises(DiffpressError, match="quantized for target 'vnni', which does not run correctly on 'any'"):
+        export_onnx(q, tmp_path / "any", target="any")
+    assert not (tmp_path / "any").exists()
+    res = export_onnx(q, tmp_path / "vnni", target="vnni", verify=False)
+    assert res.spec["target"]["name"] == "vnni" and res.spec["target"]["weight_bits"] == [8]
+    assert "AVX2" in res.spec["target"]["cpus"]
+    assert export_onnx(den, tmp_path / "fp32", target="any").spec["target"] is None  # a float model: any CPU
