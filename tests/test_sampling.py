@@ -218,10 +218,12 @@ def test_guidance_with_a_clipping_scheduler_warns(cond_unet):
 
     from diffusers import DDIMScheduler
 
-    with pytest.warns(UserWarning, match="clip_sample=True"):
-        sample(cond_unet, labels=[0, 1], guidance=2.0, steps=2, progress=False)  # diffusers default
     den = cond_unet.copy()
-    den.scheduler_config = dict(DDIMScheduler(clip_sample=False).config, _class_name="DDIMScheduler")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        sample(den, labels=[0, 1], guidance=2.0, steps=2, progress=False)
+    den.scheduler_config = dict(DDIMScheduler(clip_sample=True).config, _class_name="DDIMScheduler")
+    with pytest.warns(UserWarning, match="clip_sample=True"):
+        sample(den, labels=[0, 1], guidance=2.0, steps=2, progress=False)  # a checkpoint that ships clipping
+    for config in (dict(DDIMScheduler(clip_sample=False).config, _class_name="DDIMScheduler"), None):
+        den.scheduler_config = config  # None: no scheduler shipped, diffusers' defaults without clipping
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sample(den, labels=[0, 1], guidance=2.0, steps=2, progress=False)
