@@ -180,13 +180,21 @@ class Denoiser(nn.Module):
         if self.cond_kind != "none" and cond is None:
             raise DiffpressError(f"this denoiser is conditional ({self.cond_kind}); pass cond")
         if len(self.parts) > 1 and self.kind != "module" and not isinstance(cond, dict):
-            raise DiffpressError(f"this denoiser takes several conditioning inputs; pass cond as a dict with keys "
-                                 f"{self.cond_names}")
+            cond = self._with_defaults(cond)
         self.runtime.t = t
         out = self.adapter.forward(self.model, x, t, cond)
         if self._split_sigma:
             out = out[:, : self.sample_shape[0]]
         return out
+
+    def _with_defaults(self, cond: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A bare tensor for the one input without a default; the others (masks, sizes) at their defaults."""
+        free = [k for k, p in self.parts.items() if p.fill is None]
+        if len(free) != 1:
+            raise DiffpressError(f"this denoiser takes several conditioning inputs; pass cond as a dict with keys "
+                                 f"{self.cond_names}")
+        g = torch.Generator().manual_seed(0)
+        return {k: cond if k == free[0] else p.example(cond.shape[0], g) for k, p in self.parts.items()}
 
     # -- conditioning helpers ------------------------------------------------------------------
     @property

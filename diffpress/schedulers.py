@@ -45,8 +45,8 @@ def make_scheduler(denoiser: "Denoiser", name: str | None = "auto"):
         name = auto_sampler(denoiser)
     # no scheduler shipped: diffusers' defaults, but without clip_sample (DDIM/DDPM clip the predicted x0 to
     # [-1, 1], which is wrong for latents and ruins guided samples; see diffpress/zoo/models.py)
-    config = dict(denoiser.scheduler_config or {"clip_sample": False})
     flow = denoiser.prediction_type == "flow"
+    config = dict(denoiser.scheduler_config or ({} if flow else {"clip_sample": False}))
     if name is None:
         cls_name = config.get("_class_name") or ("FlowMatchEulerDiscreteScheduler" if flow else "DDPMScheduler")
     elif name in SCHEDULERS:

@@ -120,3 +120,47 @@ def test_bad_prompt_sources_are_clear_errors(tmp_path):
     (tmp_path / "p.txt").write_text("a cat\n")
     with pytest.raises(DiffpressError, match="not a diffusers pipeline folder"):
         encode_prompts(den, tmp_path, ["a cat"])
+
+
+def _t5_tokenizer(folder):
+    """A character-level T5 tokenizer (a unigram vocabulary of single characters), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(c, -1.0) for c in string.ascii_lowercase + string.digits + ".,!?'-"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    transformers.T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                 extra_ids=0).save_pretrained(folder)
+    return len(vocab)
+
+
+def test_pixart_prompts_carry_the_t5_attention_mask(tmp_path):
+    """PixArt's pipeline pads the T5 tokens to 120 and passes the mask: the adapter carries it to the model."""
+    from diffusers import DDIMScheduler, PixArtTransformer2DModel
+
+    root = tmp_path / "pixart"
+    torch.manual_seed(0)
+    PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                             cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=32,
+                             use_additional_conditions=False).save_pretrained(root / "transformer")
+    DDIMScheduler(clip_sample=False).save_pretrained(root / "scheduler")
+    vocab = _t5_tokenizer(root / "tokenizer")
+    config = transformers.T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   pad_token_id=0, eos_token_id=1)
+    transformers.T5EncoderModel(config).eval().save_pretrained(root / "text_encoder")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.30.0",
+        "transformer": ["diffusers", "PixArtTransformer2DModel"], "scheduler": ["diffusers", "DDIMScheduler"],
+        "vae": ["diffusers", "AutoencoderKL"], "tokenizer": ["transformers", "T5TokenizerFast"],
+        "text_encoder": ["transformers", "T5EncoderModel"]}))
+    den = diffpress.load(root)
+    cond, uncond = encode_prompts(den, root, ["a red cat", "a much longer prompt about two dogs"])
+    mask = cond["encoder_attention_mask"]
+    assert cond["encoder_hidden_states"].shape == (2, 120, 32) and mask.shape == (2, 120)
+    assert 0 < int(mask[0].sum()) < int(mask[1].sum()) < 120  # padding is masked, longer prompts attend more
+    x, t, _ = den.example_inputs(2)
+    with torch.no_grad():  # the mask reaches the model: masking more tokens changes the prediction
+        full = den(x, t, {**cond, "encoder_attention_mask": torch.ones_like(mask)})
+        assert not torch.allclose(den(x, t, cond), full)

@@ -93,16 +93,6 @@ class Adapter:
                              "pipeline yourself and give the embeddings as a file (conditions kind 'file')")
 
     @staticmethod
-    def kwargs(cond: Any, parts: dict[str, Part]) -> dict[str, torch.Tensor]:
-        """``cond`` (one tensor, or a mapping for several parts) as the model's keyword arguments."""
-        if cond is None or not parts:
-            return {}
-        if isinstance(cond, dict):
-            return dict(cond)
-        (name,) = parts
-        return {name: cond}
-
-    @staticmethod
     def tensor_out(out: Any) -> torch.Tensor:
         """The prediction from a diffusers output object, a tuple or a tensor."""
         if hasattr(out, "sample"):

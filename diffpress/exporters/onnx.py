@@ -9,6 +9,7 @@ writes ``io_spec.json`` and is checked: ONNX Runtime against PyTorch on the same
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import platform
 import re
@@ -55,8 +56,47 @@ def _translations(opset: int) -> dict:
         st = op.Transpose(op.Cast(scales, to=ir.DataType.FLOAT), perm=[1, 0])
         return op.Transpose(op.DequantizeLinear(wt, st, axis=0, block_size=group_size), perm=[1, 0])
 
+    def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5, cudnn_enabled: bool = True):
+        # two passes (mean, then the mean square of the centred values): ONNX Runtime's GroupNormalization
+        # computes the variance in one pass and loses precision when the mean is large (measured: 5.6e-4
+        # relative at mean 100, against 7e-8 at mean 0), which an int8 graph then rounds into whole steps
+        grouped = op.Reshape(input, op.Constant(value_ints=[0, num_groups, -1]))
+        axes = op.Constant(value_ints=[2])
+        centred = op.Sub(grouped, op.ReduceMean(grouped, axes, keepdims=1))
+        var = op.ReduceMean(op.Mul(centred, centred), axes, keepdims=1)
+        y = op.Reshape(op.Div(centred, op.Sqrt(op.Add(var, op.Constant(value_float=eps)))), op.Shape(input))
+        channel = op.Constant(value_ints=list(range(1, len(input.shape) - 1)))
+        if weight is not None:
+            y = op.Mul(y, op.Unsqueeze(weight, channel))
+        if bias is not None:
+            y = op.Add(y, op.Unsqueeze(bias, channel))
+        return y
+
     return {QD.quantize_per_tensor.tensor: q_per_tensor, QD.dequantize_per_tensor.tensor: dq_per_tensor,
-            QD.dequantize_per_channel_group.default: dq_group}
+            QD.dequantize_per_channel_group.default: dq_group, torch.ops.aten.group_norm.default: group_norm}
+
+
+@contextlib.contextmanager
+def _exact_no_op_rules():
+    """Keep ``x + 1e-15`` in the exported graph. The exporter's optimizer (onnxscript) removes ``x + c``,
+    ``x - c``, ``x * c`` and ``x / c`` as no-ops when ``c`` is within 1e-8 of 0 (or of 1): an epsilon such as
+    Sana's linear attention ``num / (den + 1e-15)`` vanishes and ONNX Runtime divides 0 by 0 (NaN) where
+    PyTorch gives 0. Its no-op rules are left out while diffpress exports (ONNX Runtime removes true no-ops
+    itself); if onnxscript's internals differ from what this expects, nothing is changed."""
+    try:
+        from onnxscript import rewriter
+        from onnxscript.rewriter.rules.common import _no_op
+
+        saved = rewriter._DEFAULT_REWRITE_RULES
+        no_op = {id(r) for r in _no_op.rules}
+    except (ImportError, AttributeError, TypeError):
+        yield
+        return
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in saved if id(r) not in no_op)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = saved
 
 
 def _strip_metadata(model) -> None:
@@ -282,9 +322,11 @@ def _export_graph(graph: GraphSpec, args: tuple, opset: int, dynamic_batch: bool
                 raise DiffpressError(f"torch.export failed on graph {graph.name!r}: {type(exc).__name__}: "
                                      f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
             try:
-                onnx_program = torch.onnx.export(
-                    program, args, dynamo=True, opset_version=opset, input_names=graph.input_names,
-                    output_names=graph.output_names, custom_translation_table=_translations(opset), verbose=False)
+                with _exact_no_op_rules():
+                    onnx_program = torch.onnx.export(
+                        program, args, dynamo=True, opset_version=opset, input_names=graph.input_names,
+                        output_names=graph.output_names, custom_translation_table=_translations(opset),
+                        verbose=False)
             except Exception as exc:  # noqa: BLE001 - report the exporter's failure in one line
                 raise DiffpressError(f"torch.onnx.export failed on graph {graph.name!r}: {type(exc).__name__}: "
                                      f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc

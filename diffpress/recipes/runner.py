@@ -172,7 +172,7 @@ def _export(fmt: str, compressed: Denoiser, folder: Path, cfg) -> dict[str, Any]
 
     if fmt == "onnx":
         res = export_onnx(compressed, folder, opset=cfg.opset, batch=cfg.batch, dynamic_batch=cfg.dynamic_batch,
-                          target=cfg.target)
+                          target=cfg.target, rtol=cfg.rtol)
         return {"format": fmt, "path": f"{folder.name}/model.onnx", "bytes": run_report.folder_bytes(folder),
                 "opset": cfg.opset, "verification": res.verification, "op_types": res.op_types,
                 "ort_op_types": res.ort_op_types}

@@ -105,12 +105,17 @@ class ExportConfig:
     # ONNX: the CPUs the artifact must agree on: "any" (AVX2 included) or "vnni" (VNNI / AMX / ARM / GPU);
     # null: whatever the quantize pass's target was. An artifact quantized for vnni is refused for any
     target: str | None = None
+    # ONNX: the relative RMS difference ONNX Runtime may show against PyTorch; null: the loosest the passes
+    # declare (1e-4 float, 5e-2 quantized). Random-weight models amplify one-step rounding differences more
+    rtol: float | None = None
 
     def __post_init__(self) -> None:
         check_allowed("format", self.format, FORMATS)
         check_allowed("target", self.target, (None, "any", "vnni"))
         if self.target is not None and self.format != "onnx":
             raise DiffpressError("target: only ONNX exports name a CPU target; remove the key or set it to null")
+        if self.rtol is not None and not (isinstance(self.rtol, (int, float)) and 0 < self.rtol < 1):
+            raise DiffpressError(f"rtol: must be a number in (0, 1) or null, got {self.rtol!r}")
         check_allowed("dtype", self.dtype, ("float32",))
         check_at_least(self, 1, "batch")
         if self.format == "onnx":

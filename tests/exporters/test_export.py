@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -196,3 +197,22 @@ def test_export_names_its_cpu_target_and_refuses_one_the_weights_do_not_suit(tmp
     assert res.spec["target"]["name"] == "vnni" and res.spec["target"]["weight_bits"] == [8]
     assert "AVX2" in res.spec["target"]["cpus"]
     assert export_onnx(den, tmp_path / "fp32", target="any").spec["target"] is None  # a float model: any CPU
+
+
+def test_a_tiny_epsilon_survives_export(tmp_path):
+    """The exporter's optimizer drops ``x + c`` for |c| < 1e-8 as a no-op; Sana's linear attention divides by
+    ``den + 1e-15``, so without the epsilon ONNX Runtime returns NaN (0 / 0) where PyTorch returns 0."""
+    class Ratio(torch.nn.Module):
+        def forward(self, x, t, cond):
+            gate = torch.relu(x)
+            return gate / (gate.sum(1, keepdim=True) + 1e-15) + t.float()[:, None, None, None] * 0
+
+    den = Denoiser(Ratio(), sample_shape=(2, 4, 4))
+    res = export_onnx(den, tmp_path / "eps")  # verified in ORT at two batch sizes: NaN would fail it
+    assert res.verification["passed"] and res.op_types.get("Add")
+    x = -torch.ones(1, 2, 4, 4)  # every gate 0: 0 / (0 + 1e-15) = 0
+    from diffpress.exporters.onnx import ort_session
+
+    sess = ort_session(tmp_path / "eps" / "model.onnx")
+    out = sess.run(None, {"sample": x.numpy(), "timestep": np.array([10.0], dtype=np.float32)})[0]
+    assert np.isfinite(out).all() and not out.any()
