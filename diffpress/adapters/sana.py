@@ -1,9 +1,6 @@
-"""diffusers SanaTransformer2DModel (Sana): Gemma hidden states and their attention mask (all ones unless
-given), linear attention; flow matching, timesteps scaled by the config's ``timestep_scale`` as the pipeline
-does; optional distilled guidance as a part."""
+"""diffusers SanaTransformer2DModel (Sana): Gemma hidden states, linear attention; flow matching, timesteps
+scaled by the config's ``timestep_scale`` as the pipeline does; optional distilled guidance as a part."""
 from __future__ import annotations
-
-import torch
 
 from diffpress.adapters.base import FlowAdapter, Part
 
@@ -12,14 +9,12 @@ class Sana(FlowAdapter):
     name = "sana"
     classes = ("SanaTransformer2DModel",)
 
-    tokens = 300  # the pipeline's max_sequence_length
-
     def parts(self, model, sample_shape):
-        parts = {"encoder_hidden_states": Part((self.tokens, model.config.caption_channels)),
-                 "encoder_attention_mask": Part((self.tokens,), torch.long, null="same", fill=1)}
+        parts = {"encoder_hidden_states": Part((300, model.config.caption_channels))}
         if model.config.guidance_embeds:
             parts["guidance"] = Part((), null="same", fill=4.5)
         return parts
 
     def forward(self, model, x, t, cond):
-        return model(x, timestep=t * model.config.timestep_scale, **cond).sample
+        kw = cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
+        return model(x, timestep=t * model.config.timestep_scale, **kw).sample

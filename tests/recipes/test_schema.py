@@ -48,7 +48,7 @@ def test_resolved_recipe_round_trips_with_every_default(tmp_path):
     data = yaml.safe_load(text)
     assert data["passes"][0]["timestep_groups"] == 2 and data["passes"][0]["reconstruct"]["iters"] == 500
     assert data["exports"][1] == {"format": "torchscript", "opset": None, "dtype": "float32", "dynamic_batch": False,
-                                  "batch": 2, "target": None}
+                                  "batch": 2, "target": None, "rtol": None}
     assert data["calibration"]["conditions"] == {"kind": "auto", "path": None, "pipeline": None}
     assert set(data["calibration"]["policy"]) == {"kind", "count", "mean", "std", "steps", "seed"}
     assert load_recipe(write(tmp_path, text, "resolved.yaml")) == r
