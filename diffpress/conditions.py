@@ -239,11 +239,13 @@ def encode_prompts(denoiser, pipeline: str | Path, prompts: list[str]) -> tuple[
     if not index_path.is_file():
         raise DiffpressError(f"conditions.pipeline: {folder} is not a diffusers pipeline folder (no model_index.json)")
     index = json.loads(index_path.read_text())
-    text = {k for k in index if k.startswith(("text_encoder", "tokenizer"))}
+    text = {k for k, v in index.items() if k.startswith(("text_encoder", "tokenizer")) and v != [None, None]}
     if not text:
         raise DiffpressError(f"conditions.pipeline: {folder} has no text encoder or tokenizer")
     # every other component ([library, class] entries: unet, vae, scheduler ...) stays unloaded
     skip = {k: None for k, v in index.items() if isinstance(v, list) and len(v) == 2 and k not in text}
+    if denoiser.adapter.component in skip:  # some pipelines read its config while encoding (SD3: the T5 width)
+        skip[denoiser.adapter.component] = denoiser.model
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **skip)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:

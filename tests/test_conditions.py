@@ -121,3 +121,79 @@ def test_bad_prompt_sources_are_clear_errors(tmp_path):
     with pytest.raises(DiffpressError, match="not a diffusers pipeline folder"):
         encode_prompts(den, tmp_path, ["a cat"])
 
+
+
+def _t5_tokenizer(folder):
+    """A character-level T5 tokenizer (a unigram vocabulary of single characters), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(c, -1.0) for c in string.ascii_lowercase + string.digits + ".,!?'-"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    transformers.T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                 extra_ids=0).save_pretrained(folder)
+    return len(vocab)
+
+
+def test_flux_prompts_use_clip_pooled_and_t5_states(tmp_path):
+    """FLUX.1's pipeline: CLIP's pooled output and T5's 512 token states; no null (guidance-distilled)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from families import build
+
+    root = tmp_path / "flux"
+    diffpress.Denoiser(build("flux"), sample_shape=(4, 16, 16)).model.save_pretrained(root / "transformer")
+    FlowMatchEulerDiscreteScheduler().save_pretrained(root / "scheduler")
+    vocab = _tokenizer(root / "tokenizer")
+    _text_encoder(transformers.CLIPTextModel, vocab, 24).save_pretrained(root / "text_encoder")  # pooled: 24
+    t5_vocab = _t5_tokenizer(root / "tokenizer_2")
+    torch.manual_seed(2)
+    transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=t5_vocab, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, pad_token_id=0,
+        eos_token_id=1)).eval().save_pretrained(root / "text_encoder_2")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "FluxPipeline", "_diffusers_version": "0.30.0",
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": ["diffusers", "AutoencoderKL"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"], "text_encoder_2": ["transformers", "T5EncoderModel"]}))
+    den = diffpress.Denoiser(build("flux"), sample_shape=(4, 16, 16))
+    cond, uncond = encode_prompts(den, root, ["a red cat", "two dogs"])
+    assert {k: tuple(v.shape) for k, v in cond.items()} == {"encoder_hidden_states": (2, 512, 32),
+                                                           "pooled_projections": (2, 24)}
+    assert uncond is None and den.default_guidance == 1.0
+    assert not torch.allclose(cond["pooled_projections"][0], cond["pooled_projections"][1])
+    with torch.no_grad():
+        assert torch.isfinite(den(*den.example_inputs(2)[:2], cond)).all()
+
+
+def test_sd3_prompts_use_both_clips_and_the_pipelines_t5_padding(tmp_path):
+    """SD3's pipeline: two CLIP encoders (hidden states side by side, pooled outputs concatenated) and 256 T5
+    tokens (zeros when the pipeline has no T5 encoder): 77 + 256 = 333 tokens; the empty prompt as the null."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from families import build
+
+    root = tmp_path / "sd3"
+    build("sd3").save_pretrained(root / "transformer")
+    FlowMatchEulerDiscreteScheduler().save_pretrained(root / "scheduler")
+    vocab = _tokenizer(root / "tokenizer")
+    _tokenizer(root / "tokenizer_2")
+    for name in ("text_encoder", "text_encoder_2"):  # hidden 16 + 16 = 32 states, pooled 12 + 12 = 24
+        _text_encoder(transformers.CLIPTextModelWithProjection, vocab, 16, projection=12).save_pretrained(root / name)
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.30.0",
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": ["diffusers", "AutoencoderKL"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_3": [None, None], "text_encoder_3": [None, None]}))
+    den = diffpress.load(root)
+    cond, uncond = encode_prompts(den, root, ["a red cat"])
+    assert {k: tuple(v.shape) for k, v in cond.items()} == {"encoder_hidden_states": (1, 333, 32),
+                                                           "pooled_projections": (1, 24)}
+    assert not cond["encoder_hidden_states"][0, 77:].any()  # no T5 encoder: the pipeline pads with zeros
+    assert float(uncond["pooled_projections"].abs().sum()) > 0  # the empty prompt's encoding, not zeros
