@@ -56,39 +56,23 @@ def _translations(opset: int) -> dict:
         st = op.Transpose(op.Cast(scales, to=ir.DataType.FLOAT), perm=[1, 0])
         return op.Transpose(op.DequantizeLinear(wt, st, axis=0, block_size=group_size), perm=[1, 0])
 
-    def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5, cudnn_enabled: bool = True):
-        # two passes (mean, then the mean square of the centred values): ONNX Runtime's GroupNormalization
-        # computes the variance in one pass and loses precision when the mean is large (measured: 5.6e-4
-        # relative at mean 100, against 7e-8 at mean 0), which an int8 graph then rounds into whole steps
-        grouped = op.Reshape(input, op.Constant(value_ints=[0, num_groups, -1]))
-        axes = op.Constant(value_ints=[2])
-        centred = op.Sub(grouped, op.ReduceMean(grouped, axes, keepdims=1))
-        var = op.ReduceMean(op.Mul(centred, centred), axes, keepdims=1)
-        y = op.Reshape(op.Div(centred, op.Sqrt(op.Add(var, op.Constant(value_float=eps)))), op.Shape(input))
-        channel = op.Constant(value_ints=list(range(1, len(input.shape) - 1)))
-        if weight is not None:
-            y = op.Mul(y, op.Unsqueeze(weight, channel))
-        if bias is not None:
-            y = op.Add(y, op.Unsqueeze(bias, channel))
-        return y
-
     return {QD.quantize_per_tensor.tensor: q_per_tensor, QD.dequantize_per_tensor.tensor: dq_per_tensor,
-            QD.dequantize_per_channel_group.default: dq_group, torch.ops.aten.group_norm.default: group_norm}
+            QD.dequantize_per_channel_group.default: dq_group}
 
 
 @contextlib.contextmanager
 def _exact_no_op_rules():
-    """Keep ``x + 1e-15`` in the exported graph. The exporter's optimizer (onnxscript) removes ``x + c``,
-    ``x - c``, ``x * c`` and ``x / c`` as no-ops when ``c`` is within 1e-8 of 0 (or of 1): an epsilon such as
-    Sana's linear attention ``num / (den + 1e-15)`` vanishes and ONNX Runtime divides 0 by 0 (NaN) where
-    PyTorch gives 0. Its no-op rules are left out while diffpress exports (ONNX Runtime removes true no-ops
-    itself); if onnxscript's internals differ from what this expects, nothing is changed."""
+    """Keep ``x + 1e-15`` in the exported graph. The exporter's optimizer (onnxscript) removes ``x + c`` and
+    ``x - c`` as no-ops when ``c`` is within 1e-8 of 0: an epsilon such as Sana's linear attention
+    ``num / (den + 1e-15)`` vanishes and ONNX Runtime divides 0 by 0 (NaN) where PyTorch gives 0. Those two
+    rules are left out while diffpress exports (ONNX Runtime removes true no-ops itself); if onnxscript's
+    internals differ from what this expects, nothing is changed."""
     try:
         from onnxscript import rewriter
         from onnxscript.rewriter.rules.common import _no_op
 
         saved = rewriter._DEFAULT_REWRITE_RULES
-        no_op = {id(r) for r in _no_op.rules}
+        no_op = {id(r) for r in _no_op.rules if any(f"= {op} (" in str(r._target_pattern) for op in ("Add", "Sub"))}
     except (ImportError, AttributeError, TypeError):
         yield
         return

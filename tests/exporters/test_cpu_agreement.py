@@ -29,7 +29,7 @@ def exports(tmp_path_factory):
     """digits-cond-unet quantized W8A8 for each target, exported (no verification: the tests compare themselves)."""
     root = tmp_path_factory.mktemp("cpu")
     den = diffpress.load("digits-cond-unet")
-    cs = diffpress.calibrate(den, num_samples=8, steps=20, policy=TimestepPolicy("uniform", count=4), progress=False)
+    cs = diffpress.calibrate(den, num_samples=4, steps=10, policy=TimestepPolicy("uniform", count=3), progress=False)
     paths = {}
     for target in ("any", "vnni"):
         q = den.copy()
