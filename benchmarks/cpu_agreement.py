@@ -21,24 +21,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 VARIANTS = {"target any (default): 7-bit int8 weights": {"target": "any"},
             "target vnni: full-range int8 weights": {"target": "vnni"},
             "target vnni + symmetric int8 activations (S8S8)": {"target": "vnni", "symmetric_activations": True}}
 
 
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.sqrt(((a - b) ** 2).mean()) / np.sqrt((b ** 2).mean()))
-
-
 def gap(model: Path, feeds: dict, emulate: str | None) -> float | str:
     """Fused integer kernels against float Q/DQ, or ONNX Runtime's error if it refuses the graph."""
     from diffpress import DiffpressError
     from diffpress.exporters.cpu import run_onnx
+    from diffpress.exporters.plan import rel_rms
 
     try:
-        return rel(run_onnx(model, feeds, emulate=emulate), run_onnx(model, feeds, optimize=False, emulate=emulate))
+        return rel_rms(run_onnx(model, feeds, emulate=emulate), run_onnx(model, feeds, optimize=False, emulate=emulate))
     except DiffpressError as exc:
         return str(exc)
 

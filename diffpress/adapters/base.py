@@ -124,7 +124,5 @@ class ModuleAdapter(Adapter):
 
 
 class Refused(Adapter):
-    """A family diffpress knows and refuses, with the reason."""
-
-    def check(self, model):
-        raise DiffpressError(self.refuse or "unsupported")
+    """A family diffpress knows and refuses: ``refuse`` holds the reason, which
+    :func:`diffpress.adapters.for_class` raises before any model is built."""

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 import diffpress
 from diffpress import QuantizeConfig, TimestepPolicy
 from diffpress.exporters.cpu import cpu_flags, integer_kernels_agree, run_onnx
-from diffpress.exporters.plan import example_feed, io_names
+from diffpress.exporters.plan import example_feed, io_names, rel_rms
 
 # fused vs float Q/DQ, digits-cond-unet: 2.5e-4 with 7-bit weights on any CPU (requantization rounds a value one
 # step differently now and then), 1.9e-3 with full-range weights on a VNNI CPU, 1.8e-2 on an emulated AVX2 one
@@ -42,12 +41,8 @@ def exports(tmp_path_factory):
     return paths, feeds
 
 
-def _rel(got, ref) -> float:
-    return float(np.sqrt(((got - ref) ** 2).mean()) / np.sqrt((ref ** 2).mean()))
-
-
 def _gap(path, feeds, emulate=None) -> float:
-    return _rel(run_onnx(path, feeds, optimize=True, emulate=emulate),
+    return rel_rms(run_onnx(path, feeds, optimize=True, emulate=emulate),
                 run_onnx(path, feeds, optimize=False, emulate=emulate))
 
 
@@ -75,4 +70,4 @@ def test_on_an_emulated_avx2_cpu_only_the_default_target_agrees(exports):
     assert _gap(paths["vnni"], feeds, emulate="Haswell") > 2 * AGREE  # saturated int16 sums
     # with 7-bit weights the integer kernels compute the same numbers on both CPUs
     native, emulated = (run_onnx(paths["any"], feeds, emulate=e) for e in (None, "Haswell"))
-    assert _rel(emulated, native) < 1e-5
+    assert rel_rms(emulated, native) < 1e-5
