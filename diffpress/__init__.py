@@ -26,6 +26,8 @@ _LAZY = {
     "CalibrationSet": "diffpress.calibration.dataset", "TimestepPolicy": "diffpress.calibration.policies",
     "calibrate": "diffpress.calibration.dataset:collect", "QuantizeConfig": "diffpress.compress.quantize",
     "ReconstructConfig": "diffpress.compress.reconstruct", "quantize_": "diffpress.compress.quantize",
+    "LowRankConfig": "diffpress.compress.lowrank", "lowrank_": "diffpress.compress.lowrank",
+    "apply_lora": "diffpress.compress.lora",
     "Denoiser": "diffpress.denoiser", "evaluate": "diffpress.eval.report", "export_onnx": "diffpress.exporters.onnx",
     "export_torchscript": "diffpress.exporters.torchscript", "load": "diffpress.loading",
     "run_recipe": "diffpress.recipes.runner", "SampleOutput": "diffpress.sampling", "Trajectory": "diffpress.sampling",
@@ -36,6 +38,8 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from diffpress.calibration.dataset import CalibrationSet
     from diffpress.calibration.dataset import collect as calibrate
     from diffpress.calibration.policies import TimestepPolicy
+    from diffpress.compress.lora import apply_lora
+    from diffpress.compress.lowrank import LowRankConfig, lowrank_
     from diffpress.compress.quantize import QuantizeConfig, quantize_
     from diffpress.compress.reconstruct import ReconstructConfig
     from diffpress.denoiser import Denoiser
@@ -56,6 +60,26 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-__all__ = ["CalibrationSet", "Denoiser", "DiffpressError", "QuantizeConfig", "ReconstructConfig", "SampleOutput",
-           "TimestepPolicy", "Trajectory", "__version__", "calibrate", "evaluate", "export_onnx", "export_torchscript",
-           "load", "make_scheduler", "quantize_", "run_recipe", "sample"]
+__all__ = [
+    "CalibrationSet",
+    "Denoiser",
+    "DiffpressError",
+    "LowRankConfig",
+    "QuantizeConfig",
+    "ReconstructConfig",
+    "SampleOutput",
+    "TimestepPolicy",
+    "Trajectory",
+    "__version__",
+    "apply_lora",
+    "calibrate",
+    "evaluate",
+    "export_onnx",
+    "export_torchscript",
+    "load",
+    "lowrank_",
+    "make_scheduler",
+    "quantize_",
+    "run_recipe",
+    "sample",
+]

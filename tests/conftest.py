@@ -7,6 +7,7 @@ take ``den.copy()`` first. Each builder seeds torch itself, so the weights do no
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from types import SimpleNamespace
 
@@ -21,6 +22,12 @@ from diffpress.zoo.conditioner import LabelEmbedding
 
 # The sizes all tiny models share. ``side`` is the configured sample_size; tests also run 2 * side.
 SIZES = SimpleNamespace(channels=2, side=8, num_classes=5, tokens=3, dim=16, caption=12, patch=2)
+
+
+# Under pytest-xdist (the README's test command runs one worker per core) each worker gets its share of the
+# cores, so the workers' intra-op thread pools do not fight over them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def seed_all(seed: int = 0) -> None:

@@ -5,8 +5,11 @@ Importing this package registers the built-in passes, so :func:`diffpress.load` 
 from __future__ import annotations
 
 from diffpress.compress import registry
+from diffpress.compress.lora import apply_lora
+from diffpress.compress.lowrank import LowRankConfig, LowRankReport, lowrank_
 from diffpress.compress.quantize import QuantizeConfig, QuantizeReport, quantize_
 from diffpress.compress.reconstruct import ReconstructConfig
 from diffpress.compress.registry import PassSpec, register
 
-__all__ = ["PassSpec", "QuantizeConfig", "QuantizeReport", "ReconstructConfig", "quantize_", "register", "registry"]
+__all__ = ["LowRankConfig", "LowRankReport", "PassSpec", "QuantizeConfig", "QuantizeReport", "ReconstructConfig", "apply_lora", "lowrank_",
+           "quantize_", "register", "registry"]

@@ -176,11 +176,55 @@ class ActQuant(nn.Module):
         return QD.dequantize_per_tensor.tensor(q, scale, zp, self.qmin, self.qmax, self.dtype)
 
     def extra_repr(self) -> str:
-        kind = "int8 symmetric" if self.symmetric else f"uint{self.bits}"
+        kind = f"int{self.bits} symmetric" if self.symmetric else f"uint{self.bits}"
         return f"{kind}, groups={self.groups}"
 
 
-def _maybe(quantizer: ActQuant | None, x: torch.Tensor) -> torch.Tensor:
+class DynamicActQuant(nn.Module):
+    """Dynamic per-token activation fake-quantizer (SVDQuant's 4-bit activations): every token (a row of a
+    linear's input, a pixel of a convolution's) is split into groups of ``group_size`` channels, and each
+    group gets its own asymmetric range from its own min and max at run time. The zero point shifts each
+    group by its lower bound, so non-negative groups (post-ReLU) and groups bounded below (post-GELU / SiLU)
+    use all ``2^bits`` levels. Nothing is calibrated. In ONNX it exports as float arithmetic (ReduceMin /
+    ReduceMax, Div, Round, Clip, Mul): standard ops that carry the numbers; no CPU kernel runs them in integer.
+
+    >>> q = DynamicActQuant(bits=4, group_size=2, channel_dim=-1)
+    >>> q(torch.tensor([[0.0, 1.5, -1.0, 2.0, 0.0, 0.11]])).tolist()  # groups (0, 1.5), (-1, 2), (0, 0.11)
+    [[0.0, 1.5, -1.0, 2.0, 0.0, 0.10999999940395355]]
+    """
+
+    def __init__(self, bits: int, group_size: int, channel_dim: int, context: RunContext | None = None):
+        super().__init__()
+        self.bits, self.group_size, self.channel_dim, self.context = bits, group_size, channel_dim, context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        moved = x.movedim(self.channel_dim, -1)
+        c = moved.shape[-1]
+        g = moved.reshape(*moved.shape[:-1], c // self.group_size, self.group_size)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        qmax = 2 ** self.bits - 1
+        scale = ((hi - lo) / qmax).clamp(min=1e-8)
+        zp = torch.round(-lo / scale)
+        y = (torch.clamp(torch.round(g / scale) + zp, 0, qmax) - zp) * scale
+        if _mode(self.context) == "straight_through":
+            y = g + (y - g).detach()
+        return y.reshape(moved.shape).movedim(-1, self.channel_dim)
+
+    def extra_repr(self) -> str:
+        return f"dynamic uint{self.bits} per token, groups of {self.group_size}"
+
+
+def act_group(channels: int, group_size: int) -> int:
+    """The group size a dynamic quantizer uses on ``channels``: ``group_size`` or, when it does not divide
+    them, the largest divisor of ``channels`` below it.
+
+    >>> act_group(128, 64), act_group(96, 64), act_group(40, 64)
+    (64, 48, 40)
+    """
+    return max(d for d in range(1, min(group_size, channels) + 1) if channels % d == 0)
+
+
+def _maybe(quantizer: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if quantizer is None else quantizer(x)
 
 

@@ -17,11 +17,26 @@ from torch import nn
 
 from diffpress.calibration.dataset import CalibrationSet
 from diffpress.calibration.observers import observe
-from diffpress.compress.quant import (RANGE_RULES, ActQuant, QuantConv2d, QuantLinear, act_qparams, aggregate_range, conv_padding,
-                                      timestep_groups)
-from diffpress.compress.reconstruct import ReconstructConfig, calibration_batches, correct_bias, reconstruct
+from diffpress.compress.quant import (
+    RANGE_RULES,
+    ActQuant,
+    DynamicActQuant,
+    QuantConv2d,
+    QuantLinear,
+    act_group,
+    act_qparams,
+    aggregate_range,
+    conv_padding,
+    timestep_groups,
+)
+from diffpress.compress.reconstruct import (
+    ReconstructConfig,
+    calibration_batches,
+    correct_bias,
+    reconstruct,
+)
 from diffpress.compress.registry import PassSpec, register
-from diffpress.compress.select import check_roles, matches, select_layers
+from diffpress.compress.select import check_roles, matches, select_layers, set_submodule
 from diffpress.denoiser import Denoiser
 from diffpress.errors import DiffpressError, check_allowed
 from diffpress.graph import capture
@@ -42,7 +57,13 @@ class QuantizeConfig:
 
     weights: str = "int8"
     group_size: int | None = None  # None: per output channel; N: groups of N input elements
-    activations: str | None = "int8"  # None: weight-only
+    # a layer whose input size group_size does not divide: "skip" (left in float) or "per_channel"
+    group_fallback: str = "skip"
+    activations: str | None = "int8"  # "int4" too; None: weight-only
+    # "static": per tensor, ranges calibrated over the trajectory (timestep groups); "dynamic": per token, groups of
+    # act_group_size channels, ranges taken at run time (SVDQuant's 4-bit activations; exported as float arithmetic)
+    act_mode: str = "static"
+    act_group_size: int = 64
     act_rule: str = "mse"
     percentile: float = 99.99
     timestep_groups: int = 1
@@ -79,11 +100,15 @@ class QuantizeConfig:
             raise DiffpressError(f"reconstruct: expected a ReconstructConfig, a mapping of its fields or null "
                                  f"(off), got {self.reconstruct!r}")
         check_allowed("weights", self.weights, ("int8", "int4"))
-        check_allowed("activations", self.activations, ("int8", None))
+        check_allowed("activations", self.activations, ("int8", "int4", None))
+        check_allowed("act_mode", self.act_mode, ACT_MODES)
+        if self.act_group_size < 1:
+            raise DiffpressError(f"act_group_size: must be a positive integer, got {self.act_group_size}")
         check_allowed("act_rule", self.act_rule, RANGE_RULES)
         check_roles("skip_roles", self.skip_roles)
         check_allowed("skip_roles_weights", self.skip_roles_weights, ("int8", None))
         check_allowed("int4_export", self.int4_export, ("int4", "int8"))
+        check_allowed("group_fallback", self.group_fallback, ("skip", "per_channel"))
         check_allowed("target", self.target, TARGETS)
         if self.group_size is not None and self.group_size < 1:
             raise DiffpressError(f"group_size: must be a positive integer or null, got {self.group_size}")
@@ -96,7 +121,17 @@ class QuantizeConfig:
     def weight_bits(self) -> int:
         """Bits of the weight grid: 8 or 4; 7 for int8 weights of integer-kernel (W8A8) layers for target ``any``."""
         bits = int(self.weights[3:])
-        return 7 if bits == 8 and self.activations is not None and self.target == "any" else bits
+        return 7 if bits == 8 and self.integer_kernels and self.target == "any" else bits
+
+    @property
+    def act_bits(self) -> int:
+        return int(self.activations[3:]) if self.activations else 0
+
+    @property
+    def integer_kernels(self) -> bool:
+        """Whether the layers are meant for integer kernels with requantized outputs (static int8 activations):
+        ONNX Runtime has no 4-bit activation kernel and none for per-token dynamic scales."""
+        return self.activations == "int8" and self.act_mode == "static"
 
 
 @dataclass
@@ -129,15 +164,25 @@ def _pass_rule(config: QuantizeConfig):
         if isinstance(module, nn.Conv2d) and conv_padding(module) is None:
             return (f"padding {module.padding!r} / padding_mode {module.padding_mode!r}: only zero padding, the same on "
                     "both sides of each axis, is quantized")
-        if config.group_size is not None:
-            fan_in = module.weight[0].numel()
-            split = layer.concat_split if config.split_concat else None
-            parts = [fan_in] if split is None else [split * fan_in // module.in_channels,
-                                                    (module.in_channels - split) * fan_in // module.in_channels]
-            if any(p % config.group_size for p in parts):
-                return f"group_size {config.group_size} does not divide the input size {parts}"
+        split = layer.concat_split if (config.split_concat and layer.op == "conv2d") else None
+        if config.group_fallback == "skip" and _layer_group(module, split, config.group_size) != config.group_size:
+            return f"group_size {config.group_size} does not divide the input size {_input_parts(module, split)}"
         return None
     return rule
+
+
+def _input_parts(module: nn.Module, split: int | None) -> list[int]:
+    fan_in = module.weight[0].numel()
+    if split is None:
+        return [fan_in]
+    return [split * fan_in // module.in_channels, (module.in_channels - split) * fan_in // module.in_channels]
+
+
+def _layer_group(module: nn.Module, split: int | None, group_size: int | None) -> int | None:
+    """``group_size`` if it divides every input part of ``module``, else None (per output channel)."""
+    if group_size is None or any(p % group_size for p in _input_parts(module, split)):
+        return None
+    return group_size
 
 
 def quantize_(denoiser: Denoiser, config: QuantizeConfig | None = None,
@@ -155,8 +200,9 @@ def quantize_(denoiser: Denoiser, config: QuantizeConfig | None = None,
     config = config or QuantizeConfig()
     if not isinstance(denoiser, Denoiser):
         raise DiffpressError("quantize_ takes a diffpress.Denoiser; wrap your module: Denoiser(module, sample_shape=...)")
-    if (config.activations or config.reconstruct or config.bias_correction) and calibration is None:
-        raise DiffpressError("activation quantization, reconstruction and bias correction need a calibration "
+    static = bool(config.activations) and config.act_mode == "static"
+    if (static or config.reconstruct or config.bias_correction) and calibration is None:
+        raise DiffpressError("static activation quantization, reconstruction and bias correction need a calibration "
                              "set: diffpress.calibrate(denoiser, ...)")
     # the float model the quantized layers are fitted to
     reference = denoiser.copy() if (config.reconstruct or config.bias_correction) else None
@@ -172,24 +218,28 @@ def quantize_(denoiser: Denoiser, config: QuantizeConfig | None = None,
         if skipped["rule"] == "role" and config.skip_roles_weights == "int8" and not matches(skipped["name"], config.skip) \
                 and _plain_layer(module):
             spec = _spec(skipped["name"], module, weight_bits=8, group_size=None, split=None, acts={}, weight_only=True)
-            _set_submodule(denoiser, skipped["name"], _build(module, spec, {}, denoiser.runtime))
+            set_submodule(denoiser, skipped["name"], _build(module, spec, {}, denoiser.runtime))
             report.quantized.append(spec)
         else:
             report.skipped.append({"name": skipped["name"], "reason": skipped["reason"]})
     stats = {}
-    if config.activations:
-        stats = observe(denoiser, calibration, chosen, outputs=config.quantize_outputs,
+    if static:
+        stats = observe(denoiser, calibration, chosen, outputs=config.quantize_outputs and config.integer_kernels,
                         batch_size=config.batch_size, progress=progress)
     context = denoiser.runtime
-    groups = timestep_groups(calibration.timesteps, config.timestep_groups) if config.activations else []
+    groups = timestep_groups(calibration.timesteps, config.timestep_groups) if static else []
     bounds = [(groups[i][-1] + groups[i + 1][0]) / 2 for i in range(len(groups) - 1)]
     for name, split in chosen.items():
         module = denoiser.get_submodule(name)
         acts = {kind: [_act_quant(part, groups, bounds, config, context) for part in parts]
                 for kind, parts in stats.get(name, {}).items()}
-        spec = _spec(name, module, weight_bits=config.weight_bits, group_size=config.group_size, split=split,
-                     acts=acts, act_groups=len(groups))
-        _set_submodule(denoiser, name, _build(module, spec, acts, context))
+        if config.activations and not static:
+            acts = {"in": _dynamic_quants(module, split, config.act_bits, config.act_group_size, context)}
+        spec = _spec(name, module, weight_bits=config.weight_bits, group_size=_layer_group(module, split, config.group_size),
+                     split=split, acts=acts, act_groups=len(groups))
+        if acts:
+            spec.update(act_bits=config.act_bits, act_mode=config.act_mode)
+        set_submodule(denoiser, name, _build(module, spec, acts, context))
         report.quantized.append(spec)
     if reference is not None:
         names = {spec["name"] for spec in report.quantized}
@@ -222,9 +272,20 @@ def _plain_layer(module: nn.Module) -> bool:
 
 def _act_quant(part, groups, bounds, config: QuantizeConfig, context: RunContext) -> ActQuant:
     """One quantizer for one observed tensor: a range per timestep group, by the configured rule."""
-    qparams = [act_qparams(*aggregate_range([part[t] for t in g], config.act_rule, 8, config.symmetric_activations,
-                                            config.percentile), 8, config.symmetric_activations) for g in groups]
-    return ActQuant([s for s, _ in qparams], [z for _, z in qparams], bounds, 8, config.symmetric_activations, context)
+    bits = config.act_bits
+    qparams = [act_qparams(*aggregate_range([part[t] for t in g], config.act_rule, bits, config.symmetric_activations,
+                                            config.percentile), bits, config.symmetric_activations) for g in groups]
+    return ActQuant([s for s, _ in qparams], [z for _, z in qparams], bounds, bits, config.symmetric_activations,
+                    context)
+
+
+def _dynamic_quants(module: nn.Module, split: int | None, bits: int, group_size: int,
+                    context: RunContext) -> list[DynamicActQuant]:
+    """One dynamic per-token quantizer per input part (channels last for a linear, dim 1 for a convolution)."""
+    if isinstance(module, nn.Linear):
+        return [DynamicActQuant(bits, act_group(module.in_features, group_size), -1, context)]
+    widths = [module.in_channels] if split is None else [split, module.in_channels - split]
+    return [DynamicActQuant(bits, act_group(w, group_size), 1, context) for w in widths]
 
 
 def _build(module: nn.Module, spec: dict[str, Any], acts: dict[str, list[ActQuant]], context: RunContext) -> nn.Module:
@@ -245,19 +306,17 @@ def restore_quantize(denoiser: Denoiser, record: dict[str, Any]) -> None:
     context = denoiser.runtime
     for spec in record["layers"]:
         module = denoiser.get_submodule(spec["name"])
-        acts: dict[str, list[ActQuant]] = {}
-        if spec["act_groups"]:
+        acts: dict[str, list[nn.Module]] = {}
+        bits = spec.get("act_bits", 8)
+        if spec.get("act_mode") == "dynamic":
+            acts["in"] = _dynamic_quants(module, spec["split"], bits, config.act_group_size, context)
+        elif spec["act_groups"]:
             k, n = spec["act_groups"], 1 if spec["split"] is None else 2
             for kind in ("in", "out") if spec.get("outputs") else ("in",):
-                acts[kind] = [ActQuant([1.0] * k, [0] * k, [0.0] * (k - 1), 8, config.symmetric_activations, context)
-                              for _ in range(n)]
-        _set_submodule(denoiser, spec["name"], _build(module, spec, acts, context))
+                acts[kind] = [ActQuant([1.0] * k, [0] * k, [0.0] * (k - 1), bits, config.symmetric_activations,
+                                       context) for _ in range(n)]
+        set_submodule(denoiser, spec["name"], _build(module, spec, acts, context))
     denoiser.compression.append(record)
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def _onnx_facts(model, record: dict[str, Any]) -> dict[str, Any]:
@@ -341,6 +400,8 @@ def _int8_constant(value):
     return arr
 
 
+ACT_MODES = ("static", "dynamic")
+
 TARGETS = {
     "any": "every x86 CPU (AVX2, AVX-512 VNNI, AMX) and ARM: int8 weights of W8A8 layers on 7 bits (|q| <= 63), so "
            "ONNX Runtime's u8 x s8 integer kernels never saturate",
@@ -357,8 +418,10 @@ register(PassSpec(
                                                                                      progress=progress),
     restore_quantize, after=("prune", "lowrank"), once=True,
     # ranges come from calibration, reconstruction and bias correction fit to it; weight-only RTN needs none
-    needs_calibration=lambda c: c.activations is not None or c.reconstruct is not None or c.bias_correction,
-    description="timestep-aware post-training quantization (int8 / int4 weights, int8 activations)",
+    needs_calibration=lambda c: (c.activations is not None and c.act_mode == "static") or c.reconstruct is not None
+    or c.bias_correction,
+    description="timestep-aware post-training quantization (int8 / int4 weights; int8 / int4 activations, static "
+                "per tensor or dynamic per token)",
     simulated=SIMULATION,
     # ONNX Runtime's integer kernels requantize in fixed point and may round a value one step differently from
     # the float simulation, which the next layers spread. Measured: 0.2 to 0.4 % on the trained

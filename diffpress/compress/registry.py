@@ -79,6 +79,8 @@ class PassSpec:
     - ``export_plan(plan, denoiser, record)``: adds graphs or files to an export plan (several graphs,
       a schedule file ...); see :mod:`diffpress.exporters.plan`.
     - ``summary(report)``: the lines reports show for the pass.
+    - ``recipe_check(config, others)``: a recipe check across passes; ``others`` maps the recipe's pass names to
+      their configs; returns an error message or None.
     """
 
     name: str
@@ -98,6 +100,7 @@ class PassSpec:
     io_spec_defaults: dict[str, Any] = field(default_factory=dict)
     export_plan: Callable[[Any, "Denoiser", dict], None] | None = None
     summary: Callable[[Any], str] = _summary
+    recipe_check: Callable[[Any, dict[str, Any]], str | None] | None = None
 
     def config_of(self, record: dict[str, Any]) -> Any:
         """The config a saved record was made with."""

@@ -93,6 +93,8 @@ def _reason(layer: Layer, module: nn.Module | None, calls: dict[str, int], skip_
             return (f"{layer.op} ({layer.module_type}): this pass rewrites {', '.join(ops)} layers only, not "
                     f"{layer.op}", "op")
         return f"{layer.op}: activation-activation product, not rewritten by this pass", "op"
+    if getattr(module, "keep_float", None):  # a module that declares itself float (a low-rank branch)
+        return module.keep_float, "type"
     if type(module) not in types:
         return f"{type(module).__name__} is not an {' or '.join('nn.' + t.__name__ for t in types)}", "type"
     if calls[layer.name] > 1:
@@ -104,3 +106,9 @@ def _reason(layer: Layer, module: nn.Module | None, calls: dict[str, int], skip_
     if pattern is not None:
         return f"matches skip pattern {pattern!r}", "glob"
     return None, ""
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule ``name`` (a dotted path) of ``root`` with ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)

@@ -43,11 +43,17 @@ def _translations(opset: int) -> dict:
 
     op = getattr(onnxscript.onnx_opset, f"opset{opset}")
 
+    def narrow(dtype, quant_min: int, quant_max: int):
+        # 4-bit activations travel in 8-bit torch storage; ONNX has the 4-bit types (opset 21) that saturate right
+        return {(0, 15): ir.DataType.UINT4, (-8, 7): ir.DataType.INT4}.get((quant_min, quant_max), dtype)
+
     def q_per_tensor(input, scale, zero_point, quant_min: int, quant_max: int, dtype):
-        return op.QuantizeLinear(input, op.Cast(scale, to=ir.DataType.FLOAT), op.Cast(zero_point, to=dtype))
+        return op.QuantizeLinear(input, op.Cast(scale, to=ir.DataType.FLOAT),
+                                 op.Cast(zero_point, to=narrow(dtype, quant_min, quant_max)))
 
     def dq_per_tensor(input, scale, zero_point, quant_min: int, quant_max: int, dtype, out_dtype=None):
-        return op.DequantizeLinear(input, op.Cast(scale, to=ir.DataType.FLOAT), op.Cast(zero_point, to=dtype))
+        return op.DequantizeLinear(input, op.Cast(scale, to=ir.DataType.FLOAT),
+                                   op.Cast(zero_point, to=narrow(dtype, quant_min, quant_max)))
 
     def dq_group(input, scales, zero_points, quant_min: int, quant_max: int, dtype, group_size: int,
                  output_dtype=None):

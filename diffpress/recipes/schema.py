@@ -152,6 +152,11 @@ class Recipe:
         if not self.passes:
             raise DiffpressError(f"passes: empty; name at least one pass (allowed: {', '.join(registry.names())})")
         check_order([p.name for p in self.passes])
+        configs = {p.name: p.config for p in self.passes}
+        for i, p in enumerate(self.passes):
+            problem = p.spec.recipe_check(p.config, configs) if p.spec.recipe_check else None
+            if problem:
+                raise DiffpressError(f"passes.{i}: {problem}")
         formats: dict[str, int] = {}
         for i, e in enumerate(self.exports):
             if e.format in formats:
