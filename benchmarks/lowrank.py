@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 32, 64])
     parser.add_argument("--only", nargs="*", default=None, help="run only the rows whose name contains one of these")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/lowrank_<model>.json")
+    parser.add_argument("--merge", action="store_true", help="keep the rows already in --out, add / replace these")
     parser.add_argument("--reconstruct-iters", type=int, default=None, help="AdaRound steps per block (default 500)")
     args = parser.parse_args()
     if args.reconstruct_iters:
@@ -79,6 +80,8 @@ def main() -> None:
         for kind in ("nearest", "smoothquant", "lowrank", "lowrank+bias_correction"):
             rows.append((f"{bits} {kind}", bits, kind, {}))
     rows.append(("w4a8 lowrank+adaround_block+bias_correction", "w4a8", "lowrank+adaround+bias_correction", {}))
+    rows.append(("w4a8 lowrank+bias_correction branch=float16", "w4a8", "lowrank+bias_correction",
+                 {"branch_dtype": "float16"}))
     rows += [("w4a4-static nearest", "w4a4-static", "nearest", {}),
              ("w4a4-static smoothquant", "w4a4-static", "smoothquant", {}),
              ("w4a4-static lowrank", "w4a4-static", "lowrank", {}),
@@ -94,6 +97,10 @@ def main() -> None:
         print(f"== {name}", flush=True)
         fp, ref_images = measure(den, None, labels, clf, real_feats)
         res = {"fp32": {**fp, "bytes": saved_bytes(den)}}
+        if args.merge and out.exists():  # add rows to an earlier run of the same settings
+            earlier = json.loads(out.read_text())
+            results["models"] = earlier["models"]
+            res = {**earlier["models"].get(name, {}), **res}
         calib = collect(den, num_samples=64, steps=STEPS, policy=TimestepPolicy("uniform", count=10), progress=False)
         for key, bits, kind, extra in rows:
             lr, q = variant(bits, kind, **extra)

@@ -38,9 +38,8 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("model.onnx*"))
 
 
-def bench(name: str, sample_size: int, batch: int, repeats: int, threads: int, work: Path,
-          skip_roles_weights: str | None = None, target: str = "any") -> dict:
-    t0 = time.perf_counter()
+def random_model(name: str, sample_size: int) -> tuple[Denoiser, object]:
+    """A real-size architecture with random weights and a small calibration set from its own sampler."""
     model = architectures.build(name, sample_size=sample_size)
     den = Denoiser(model, cond_shape=(77, model.config.cross_attention_dim) if name == "sd15-unet" else None)
     cond = None
@@ -48,6 +47,28 @@ def bench(name: str, sample_size: int, batch: int, repeats: int, threads: int, w
         cond = torch.randn(4, *den.cond_shape, generator=torch.Generator().manual_seed(0))
     cs = calibrate(den, num_samples=4, steps=10, policy=TimestepPolicy("uniform", count=5), cond=cond,
                    batch_size=4, progress=False)
+    return den, cs
+
+
+def interleaved_medians(sessions: dict, inputs: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median latency (ms) of each ONNX Runtime session, timed round after round in turn, so that machine
+    noise hits them alike."""
+    for k, s in sessions.items():
+        for _ in range(warmup):
+            s.run(None, inputs[k])
+    times = {k: [] for k in sessions}
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            t1 = time.perf_counter()
+            s.run(None, inputs[k])
+            times[k].append(time.perf_counter() - t1)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def bench(name: str, sample_size: int, batch: int, repeats: int, threads: int, work: Path,
+          skip_roles_weights: str | None = None, target: str = "any") -> dict:
+    t0 = time.perf_counter()
+    den, cs = random_model(name, sample_size)
     fp32 = export_onnx(den, work / f"{name}-fp32", batch=batch, force=True)
     q = den.copy()
     report = quantize_(q, QuantizeConfig(skip_roles_weights=skip_roles_weights, target=target), cs, progress=False)
@@ -56,16 +77,7 @@ def bench(name: str, sample_size: int, batch: int, repeats: int, threads: int, w
     feeds = example_feed(q, batch, seed=5)
     sessions = {k: ort_session(work / f"{name}-{k}" / "model.onnx", threads=threads) for k in ("fp32", "w8a8")}
     inputs = {k: {i.name: a.numpy() for i, a in zip(s.get_inputs(), feeds)} for k, s in sessions.items()}
-    for k, s in sessions.items():
-        for _ in range(3):
-            s.run(None, inputs[k])
-    times = {k: [] for k in sessions}
-    for _ in range(repeats):
-        for k, s in sessions.items():
-            t1 = time.perf_counter()
-            s.run(None, inputs[k])
-            times[k].append(time.perf_counter() - t1)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    med = interleaved_medians(sessions, inputs, repeats)
     ops = int8.ort_op_types
     return {
         "architecture": name, "sample_size": sample_size, "batch": batch, "threads": threads,

@@ -540,6 +540,39 @@ def restore_lowrank(denoiser: Denoiser, record: dict[str, Any]) -> None:
     denoiser.compression.append(record)
 
 
+def _onnx_fp16_branch(model, record: dict[str, Any]) -> dict[str, Any]:
+    """With ``branch_dtype: float16``, store the branch weights as FLOAT16 initializers followed by a Cast (the
+    exporter folds the module's upcast into FLOAT ones). A FLOAT initializer read only by MatMul / Gemm / Conv
+    whose values survive a round trip through fp16 exactly is taken for a branch weight; the values do not
+    change, only their storage."""
+    facts = {"lowrank_branch_fp16_initializers": 0}
+    if record["config"].get("branch_dtype") != "float16":
+        return facts
+    import numpy as np
+    import onnx_ir as ir
+
+    count = 0
+    for name, value in list(model.graph.initializers.items()):
+        arr = value.const_value.numpy() if value.const_value is not None else None
+        uses = value.uses()
+        if arr is None or arr.dtype != np.float32 or arr.ndim < 2 or not uses or \
+                any(u.node.op_type not in ("MatMul", "Gemm", "Conv") for u in uses):
+            continue
+        half = arr.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), arr):
+            continue
+        stored = ir.Value(name=f"{name}_fp16", shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.FLOAT16),
+                          const_value=ir.tensor(half, name=f"{name}_fp16"))
+        model.graph.register_initializer(stored)
+        cast = ir.node("Cast", [stored], attributes={"to": ir.DataType.FLOAT}, name=f"{name}_upcast")
+        model.graph.insert_before(uses[0].node, cast)
+        for use in list(uses):
+            use.node.replace_input_with(use.idx, cast.outputs[0])
+        model.graph.initializers.pop(name)
+        count += 1
+    return {"lowrank_branch_fp16_initializers": count}
+
+
 def _recipe_check(config: LowRankConfig, others: dict[str, Any]) -> str | None:
     """The quantizers the search simulates must be the ones the quantize pass builds."""
     q = others.get("quantize")
@@ -559,4 +592,6 @@ register(PassSpec(
     description="low-rank outlier absorption: SmoothQuant-style smoothing + an SVD branch kept in float (SVDQuant)",
     onnx_ops=lambda record: ("MatMul", "Gemm", "Conv") if any(layer["rank"] for layer in record["layers"]) else (),
     recipe_check=_recipe_check,
+    onnx_rewrite=_onnx_fp16_branch,
+    io_spec_defaults={"lowrank_branch_fp16_initializers": 0},
 ))

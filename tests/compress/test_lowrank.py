@@ -172,3 +172,17 @@ def test_recipes_check_that_lowrank_simulates_the_quantizers_quantize_builds(tin
     assert [p["pass"] for p in report["passes"]] == ["lowrank", "quantize"]
     assert report["passes"][0]["summary"].startswith("lowrank: ") and report["passes"][0]["layers"]
     assert report["headline"]["psnr"] > 10
+
+
+def test_a_float16_branch_is_stored_in_float16_in_onnx(tiny_digits_dit, tmp_path):
+    den = tiny_digits_dit.copy()
+    cs = collect(den, num_samples=2, steps=6, policy=TimestepPolicy("uniform", count=2), progress=False)
+    report = lowrank_(den, LowRankConfig(rank=4, max_fraction=None, alpha_grid=[0.5], branch_dtype="float16",
+                                         **{**W4A4, "act_group_size": 16}), cs, progress=False)
+    assert {p.dtype for n, p in den.named_parameters() if ".branch." in n} == {torch.float16}
+    res = diffpress.export_onnx(den, tmp_path / "onnx")
+    model = onnx.load(tmp_path / "onnx" / "model.onnx")
+    halves = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert len(halves) == 2 * sum(layer["rank"] > 0 for layer in report.layers)  # down and up of each branch
+    assert res.spec["lowrank_branch_fp16_initializers"] == len(halves)
+    assert res.verification["passed"] and res.verification["rel_rms_diff"] < 1e-4
