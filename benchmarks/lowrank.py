@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["digits-cond-unet", "digits-dit"])
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 32, 64])
-    parser.add_argument("--only", nargs="*", default=None, help="run only the rows whose name contains one of these")
+    parser.add_argument("--only", nargs="*", default=None, help="run only the rows whose name contains one of these (=NAME: that row only)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/lowrank_<model>.json")
     parser.add_argument("--merge", action="store_true", help="keep the rows already in --out, add / replace these")
     parser.add_argument("--reconstruct-iters", type=int, default=None, help="AdaRound steps per block (default 500)")
@@ -89,7 +89,7 @@ def main() -> None:
     rows += [(f"w4a4 lowrank rank={r} uncapped", "w4a4", "lowrank", {"rank": r, "max_fraction": None})
              for r in args.ranks]
     if args.only:
-        rows = [r for r in rows if any(o in r[0] for o in args.only)]
+        rows = [r for r in rows if any(r[0] == o[1:] if o.startswith("=") else o in r[0] for o in args.only)]
     for name in args.models:
         out = args.out or Path(f"benchmarks/results/lowrank_{name}.json")
         den = diffpress.load(name)
