@@ -85,7 +85,7 @@ def main() -> None:
     rows += [("w4a4-static nearest", "w4a4-static", "nearest", {}),
              ("w4a4-static smoothquant", "w4a4-static", "smoothquant", {}),
              ("w4a4-static lowrank", "w4a4-static", "lowrank", {}),
-             ("w4a4 lowrank act_stat=mean", "w4a4", "lowrank", {"act_stat": "mean"})]
+             ("w4a4 lowrank act_stat=max", "w4a4", "lowrank", {"act_stat": "max"})]
     rows += [(f"w4a4 lowrank rank={r} uncapped", "w4a4", "lowrank", {"rank": r, "max_fraction": None})
              for r in args.ranks]
     if args.only:

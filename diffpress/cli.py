@@ -285,8 +285,10 @@ def cmd_recipes(args: argparse.Namespace) -> None:
     if args.recipe is not None:
         print(dump_recipe(load_recipe(args.recipe, args.set)), end="")
         return
-    for name in builtin_recipes():
-        print(f"{name:<10} {load_recipe(name).description}")
+    names = list(builtin_recipes())
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {load_recipe(name).description}")
     print("\nshow one resolved (every default filled in): diffpress recipes NAME; run one: diffpress run NAME")
 
 

@@ -215,8 +215,8 @@ def test_recipes_lists_and_resolves(capsys):
 
     assert main(["recipes"]) == 0
     listing = capsys.readouterr().out
-    for name in ("w8a8", "w4a8", "fast"):
-        assert f"{name:<10} {load_recipe(name).description}" in listing
+    for name in ("w8a8", "w4a8", "fast", "w4a4-lowrank", "w4a8-lowrank"):
+        assert f"{name:<12}  {load_recipe(name).description}" in listing
     assert main(["recipes", "w4a8", "--set", "passes.0.group_size=32"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["passes"][0]["group_size"] == 32 and resolved["passes"][0]["weights"] == "int4"
