@@ -60,21 +60,8 @@ def saved_bytes(den) -> int:
         return sum(p.stat().st_size for p in (Path(tmp) / "m").rglob("*") if p.is_file())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["digits-cond-unet", "digits-dit"])
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 32, 64])
-    parser.add_argument("--only", nargs="*", default=None, help="run only the rows whose name contains one of these (=NAME: that row only)")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/lowrank_<model>.json")
-    parser.add_argument("--merge", action="store_true", help="keep the rows already in --out, add / replace these")
-    parser.add_argument("--reconstruct-iters", type=int, default=None, help="AdaRound steps per block (default 500)")
-    args = parser.parse_args()
-    if args.reconstruct_iters:
-        RECONSTRUCT["iters"] = args.reconstruct_iters
-
-    clf, real_feats, results = setup(samples=args.samples, calib_samples=64, calib_policy="uniform, 10 steps",
-                                     weights="int4, group 64 where it divides, else per output channel")
+def row_specs(ranks: list[int]) -> list[tuple[str, str, str, dict]]:
+    """(row name, bits, kind, extra LowRankConfig fields), in table order."""
     rows = []
     for bits in ("w4a8", "w4a4"):
         for kind in ("nearest", "smoothquant", "lowrank", "lowrank+bias_correction"):
@@ -87,7 +74,48 @@ def main() -> None:
              ("w4a4-static lowrank", "w4a4-static", "lowrank", {}),
              ("w4a4 lowrank act_stat=max", "w4a4", "lowrank", {"act_stat": "max"})]
     rows += [(f"w4a4 lowrank rank={r} uncapped", "w4a4", "lowrank", {"rank": r, "max_fraction": None})
-             for r in args.ranks]
+             for r in ranks]
+    return rows
+
+
+def table(models: list[str]) -> str:
+    """The README's markdown tables, from the JSON files this script wrote."""
+    lines = []
+    for name in models:
+        rows = json.loads(Path(f"benchmarks/results/lowrank_{name}.json").read_text())["models"][name]
+        fp = rows["fp32"]
+        lines += [f"**{name}** (fp32: accuracy {fp['cond_accuracy']:.3f}, FD {fp['fd_real']:.1f}, "
+                  f"{fp['bytes'] / 1e6:.2f} MB)", "",
+                  "| row | PSNR dB | SSIM | accuracy | FD | MB | pass s |", "|---|---|---|---|---|---|---|"]
+        order = [r[0] for r in row_specs([8, 16, 32, 64])]
+        for key in sorted((k for k in rows if k != "fp32"), key=lambda k: order.index(k) if k in order else len(order)):
+            r = rows[key]
+            lines.append(f"| {key} | {r['psnr_db']:.2f} | {r['ssim']:.4f} | {r['cond_accuracy']:.3f} | "
+                             f"{r['fd_real']:.1f} | {r['bytes'] / 1e6:.2f} | {r['pass_seconds']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["digits-cond-unet", "digits-dit"])
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 32, 64])
+    parser.add_argument("--only", nargs="*", default=None, help="run only the rows whose name contains one of these (=NAME: that row only)")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/lowrank_<model>.json")
+    parser.add_argument("--merge", action="store_true", help="keep the rows already in --out, add / replace these")
+    parser.add_argument("--reconstruct-iters", type=int, default=None, help="AdaRound steps per block (default 500)")
+    parser.add_argument("--table", action="store_true", help="print the markdown tables of earlier runs and stop")
+    args = parser.parse_args()
+    if args.table:
+        print(table(args.models))
+        return
+    if args.reconstruct_iters:
+        RECONSTRUCT["iters"] = args.reconstruct_iters
+
+    clf, real_feats, results = setup(samples=args.samples, calib_samples=64, calib_policy="uniform, 10 steps",
+                                     weights="int4, group 64 where it divides, else per output channel")
+    rows = row_specs(args.ranks)
     if args.only:
         rows = [r for r in rows if any(r[0] == o[1:] if o.startswith("=") else o in r[0] for o in args.only)]
     for name in args.models:
