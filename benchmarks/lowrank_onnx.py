@@ -6,14 +6,14 @@
 Real-size architectures with random weights (diffpress.zoo.architectures; no download), latent 16, batch 1:
 the speed and size of the graphs do not depend on the weight values, so quality is not measured here (see
 benchmarks/lowrank.py). Calibration: the random model's own sampler, 4 trajectories, 5 steps. The lowrank pass
-runs with a fixed alpha 0.5 and 3 refinement steps here (the per-layer alpha search over SD-sized layers takes
-long on 2 cores and does not change a byte or a node of the graph). Rows:
+runs with a fixed alpha 0.5 and no refinement here (the per-layer alpha search and the refinement over SD-sized
+layers take long on 2 cores and change neither a byte nor a node of the graph). Rows:
 
 - ``fp32``; ``w8a8`` (the w8a8 recipe's quantizer: int8 per channel, static int8 activations);
-- ``w4a8-lowrank``: rank 32, int4 weights in groups of 64 (INT4 initializers, the smallest file) with static
-  int8 activations;
-- ``w4a8-lowrank-int8kernels``: the same model exported with ``int4_export=int8`` and per-channel weights, so
-  ONNX Runtime's integer kernels run it (int4 values in INT8 initializers: an 8-bit file).
+- ``w4a8-lowrank``: rank 32, int4 weights in groups of 64 where they divide the input, per channel elsewhere
+  (INT4 initializers, the smallest file), static int8 activations, the branch in fp16 (``--variants`` adds
+  ``w4a8-lowrank-int8kernels``: per-channel int4 weights in INT8 initializers (``int4_export=int8``), so that
+  ONNX Runtime's integer kernels run them, at 8-bit file size).
 
 Latency is the median of interleaved repeats (one session after the other, round after round); bytes are the
 .onnx files (+ external data); op counts are those of ONNX Runtime's optimised graph.
@@ -44,7 +44,7 @@ from diffpress.exporters.onnx import example_feed, ort_session
 W4A8 = {"weights": "int4", "group_size": 64, "activations": "int8", "act_mode": "static"}
 
 
-def variants(den: Denoiser, cs):
+def variants(den: Denoiser, cs, wanted: list[str]):
     """Yields (name, compressed copy, pass seconds), one at a time, so that one SD-sized copy is in memory at once."""
     yield "fp32", den, 0.0
     t0 = time.perf_counter()
@@ -53,20 +53,22 @@ def variants(den: Denoiser, cs):
     yield "w8a8", q, time.perf_counter() - t0
     del q
     for name, group, export in (("w4a8-lowrank", 64, "int4"), ("w4a8-lowrank-int8kernels", None, "int8")):
+        if name not in wanted:
+            continue
         t0 = time.perf_counter()
         lr = den.copy()
-        lowrank_(lr, LowRankConfig(rank=32, alpha=0.5, refine_iters=3, **{**W4A8, "group_size": group}), cs,
-                 progress=True)
+        lowrank_(lr, LowRankConfig(rank=32, alpha=0.5, refine_iters=0, branch_dtype="float16",
+                                   **{**W4A8, "group_size": group}), cs, progress=True)
         quantize_(lr, QuantizeConfig(**{**W4A8, "group_size": group}, group_fallback="per_channel",
                                      int4_export=export), cs, progress=False)
         yield name, lr, time.perf_counter() - t0
         del lr
 
 
-def bench(name: str, sample_size: int, repeats: int, threads: int, work: Path) -> dict:
+def bench(name: str, sample_size: int, repeats: int, threads: int, work: Path, wanted: list[str]) -> dict:
     den, cs = random_model(name, sample_size)
     rows, sessions = {}, {}
-    for key, model_k, seconds in variants(den, cs):
+    for key, model_k, seconds in variants(den, cs, wanted):
         res = export_onnx(model_k, work / f"{name}-{key}", batch=1, opset=21, force=True)
         del model_k
         ops = res.ort_op_types
@@ -92,13 +94,15 @@ def main() -> None:
     parser.add_argument("--sample-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", nargs="+", default=["w4a8-lowrank"],
+                        help="low-rank rows besides fp32 and w8a8: w4a8-lowrank, w4a8-lowrank-int8kernels")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/lowrank_onnx.json"))
     args = parser.parse_args()
     results = {"settings": {**vars(args), "out": str(args.out), "machine": platform.machine(),
                             "cpu_int8_flags": cpu_flags(), "torch": torch.__version__}, "runs": []}
     with tempfile.TemporaryDirectory() as work:
         for name in args.archs:
-            row = bench(name, args.sample_size, args.repeats, args.threads, Path(work))
+            row = bench(name, args.sample_size, args.repeats, args.threads, Path(work), args.variants)
             print(json.dumps({k: {kk: v[kk] for kk in ("ms", "speedup_vs_fp32", "bytes")} for k, v in row["rows"].items()}))
             results["runs"].append(row)
             args.out.parent.mkdir(parents=True, exist_ok=True)
