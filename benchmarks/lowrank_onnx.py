@@ -6,8 +6,9 @@
 Real-size architectures with random weights (diffpress.zoo.architectures; no download), latent 16, batch 1:
 the speed and size of the graphs do not depend on the weight values, so quality is not measured here (see
 benchmarks/lowrank.py). Calibration: the random model's own sampler, 4 trajectories, 5 steps. The lowrank pass
-runs with a fixed alpha 0.5 and no refinement here (the per-layer alpha search and the refinement over SD-sized
-layers take long on 2 cores and change neither a byte nor a node of the graph). Rows:
+runs with a fixed alpha 0.5, no refinement and the randomized SVD here (the per-layer alpha search, the refinement
+and full float64 SVDs of SD-sized layers take long on 2 cores and change neither a byte nor a node of the graph).
+Rows:
 
 - ``fp32``; ``w8a8`` (the w8a8 recipe's quantizer: int8 per channel, static int8 activations);
 - ``w4a8-lowrank``: rank 32, int4 weights in groups of 64 where they divide the input, per channel elsewhere
@@ -57,7 +58,7 @@ def variants(den: Denoiser, cs, wanted: list[str]):
             continue
         t0 = time.perf_counter()
         lr = den.copy()
-        lowrank_(lr, LowRankConfig(rank=32, alpha=0.5, refine_iters=0, branch_dtype="float16",
+        lowrank_(lr, LowRankConfig(rank=32, alpha=0.5, refine_iters=0, branch_dtype="float16", svd="randomized",
                                    **{**W4A8, "group_size": group}), cs, progress=True)
         quantize_(lr, QuantizeConfig(**{**W4A8, "group_size": group}, group_fallback="per_channel",
                                      int4_export=export), cs, progress=False)

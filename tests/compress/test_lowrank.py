@@ -186,3 +186,14 @@ def test_a_float16_branch_is_stored_in_float16_in_onnx(tiny_digits_dit, tmp_path
     assert len(halves) == 2 * sum(layer["rank"] > 0 for layer in report.layers)  # down and up of each branch
     assert res.spec["lowrank_branch_fp16_initializers"] == len(halves)
     assert res.verification["passed"] and res.verification["rel_rms_diff"] < 1e-4
+
+
+def test_the_randomized_svd_matches_the_full_one_on_a_low_rank_plus_noise_weight():
+    from diffpress.compress.lowrank import svd_r
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 8, generator=gen, dtype=torch.float64) @ torch.randn(8, 300, generator=gen, dtype=torch.float64)
+    w += 1e-3 * torch.randn(200, 300, generator=gen, dtype=torch.float64)
+    full, fast = svd_r(w, 8), svd_r(w, 8, "randomized")
+    err_full = float((w - full[0] @ full[1]).norm())
+    assert float((w - fast[0] @ fast[1]).norm()) <= 1.01 * err_full
