@@ -185,8 +185,8 @@ class Recipe:
 def builtin_recipes() -> dict[str, Path]:
     """Name -> file of the recipes shipped with diffpress.
 
-    >>> sorted(builtin_recipes())[:3]
-    ['fast', 'w4a8', 'w8a8']
+    >>> sorted(builtin_recipes())
+    ['fast', 'w4a4-lowrank', 'w4a8', 'w4a8-lowrank', 'w8a8']
     """
     return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.yaml"))}
 
