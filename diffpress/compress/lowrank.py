@@ -38,6 +38,7 @@ from diffpress.compress.quant import (
     act_group,
     act_qparams,
     conv_padding,
+    dequantize_weight,
     fake_quant_values,
     quantize_weight,
 )
@@ -280,9 +281,7 @@ class _Scorer:
         return fake_quant_values(xs, scale, zp, bits, False)
 
     def residual_q(self, r: torch.Tensor) -> torch.Tensor:
-        q, scale = quantize_weight(r.float(), self.bits, self.group)
-        expanded = scale[:, None] if self.group is None else scale.repeat_interleave(self.group, 1)
-        return (q.reshape(q.shape[0], -1).float() * expanded)
+        return dequantize_weight(*quantize_weight(r.float(), self.bits, self.group), self.group, self.bits, plain=True)
 
     def error(self, s: torch.Tensor, l1: torch.Tensor | None, l2: torch.Tensor | None,
               xq: torch.Tensor | None = None) -> float:
