@@ -253,12 +253,16 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     check_writable(args.out, args.force)
     source = resolve_source(_run_folder_model(args.model))
-    if args.format == "torchscript" and args.opset != 21:
-        raise DiffpressError("--opset applies to ONNX only; drop it for --format torchscript")
+    if args.format != "onnx" and args.opset != 21:
+        raise DiffpressError(f"--opset applies to ONNX only; drop it for --format {args.format}")
     if args.format == "onnx":
         from diffpress.exporters.onnx import check_opset
 
         check_opset(args.opset)  # before the model loads
+    if args.format == "executorch":
+        from diffpress.exporters.executorch import _require
+
+        _require()  # the optional extra, before the model loads
     den = load(source)
     _quiet_exporters()
     if args.format == "onnx":
@@ -267,10 +271,20 @@ def cmd_export(args: argparse.Namespace) -> None:
         res = export_onnx(den, args.out, opset=args.opset, batch=args.batch, force=args.force)
         worst = max(c["rel_rms_diff"] for c in res.verification["checks"])
         check = f"ONNX Runtime vs PyTorch: rel. RMS diff {worst:.2g} (limit {res.verification['rtol']:g})"
+    elif args.format == "executorch":
+        from diffpress.exporters.executorch import export_executorch
+
+        spec = export_executorch(den, args.out, batch=args.batch, force=args.force)
+        d = spec["delegation"][spec["methods"][0]]
+        check = (f"ExecuTorch runtime vs PyTorch: rel. RMS diff {spec['verification']['rel_rms_diff']:.2g} (limit "
+                 f"{spec['verification']['rtol']:g}); methods {', '.join(spec['methods'])}; XNNPACK runs "
+                 f"{d['delegated_nodes']} of {d['delegated_nodes'] + d['not_delegated_nodes']} nodes "
+                 f"({d['int8_layers']} linears / convolutions on int8 kernels), lowering {spec['lowering_seconds']:.0f} s")
     else:
-        if args.opset != 21:
-            raise DiffpressError("--opset applies to ONNX only; drop it for --format torchscript")
         from diffpress.exporters import export_torchscript
+        from diffpress.exporters.torchscript import DEPRECATION
+
+        print(f"note: {DEPRECATION}", file=sys.stderr)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -327,16 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("export", help="export a (compressed) model to ONNX or TorchScript",
+    p = sub.add_parser("export", help="export a (compressed) model to ONNX, ExecuTorch or TorchScript",
                        description="Export MODEL (a run's output folder, a model/pipeline folder or a zoo name) "
-                                   "and check the artifact against PyTorch.")
+                                   "and check the artifact against PyTorch: onnx (Q/DQ, ONNX Runtime), executorch "
+                                   "(.pte for phones and edge devices, XNNPACK backend; pip install "
+                                   "'diffpress[executorch]'; lowering takes minutes for a UNet), torchscript "
+                                   "(deprecated upstream; ExecuTorch is its successor on mobile).")
     p.add_argument("model", help="a `diffpress run` output folder, a model/pipeline folder or a zoo name")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--format", required=True, choices=["onnx", "executorch", "torchscript"])
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (default: 21)")
     p.add_argument("--batch", type=_positive, default=2,
-                   help="example batch traced (ONNX keeps the batch dynamic; TorchScript fixes it) (default: 2)")
+                   help="example batch traced (ONNX keeps the batch dynamic; ExecuTorch and TorchScript fix it) "
+                        "(default: 2)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("recipes", help="list the built-in recipes, or print one resolved",

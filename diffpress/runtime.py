@@ -11,7 +11,13 @@ it; nothing else is global. The mode says how those modules compute:
 - ``export``: tracing for an exporter;
 - ``plain``: the same numbers as ``evaluate``, as plain round/clamp arithmetic (for artifacts that must
   load where the quantized ops are not registered, e.g. TorchScript);
-- ``straight_through``: fake quantization with a straight-through gradient (learning the rounding).
+- ``straight_through``: fake quantization with a straight-through gradient (learning the rounding);
+- ``literal``: the same numbers as ``evaluate`` with the activation scales as Python numbers (one timestep
+  group, ``group``), int8 activation storage and ``F.linear``: the pattern ExecuTorch's XNNPACK delegate
+  lowers to integer kernels (see :mod:`diffpress.exporters.executorch`).
+
+``group`` fixes the timestep group of grouped quantizers (an export makes one program per group);
+``None`` picks it from ``t``.
 
 >>> ctx = RunContext()
 >>> ctx.reset(steps=50); ctx.at_step(0); ctx.step, ctx.steps, ctx.runs
@@ -34,7 +40,7 @@ from torch import nn
 
 from diffpress.errors import check_allowed
 
-MODES = ("evaluate", "calibrate", "export", "plain", "straight_through")
+MODES = ("evaluate", "calibrate", "export", "plain", "straight_through", "literal")
 
 
 class RunContext:
@@ -48,6 +54,7 @@ class RunContext:
         self.steps: int | None = None
         self.runs = 0
         self.mode = "evaluate"
+        self.group: int | None = None
 
     def reset(self, steps: int | None = None) -> None:
         """A new sampling run starts (the sampler calls this before its first step)."""
@@ -67,7 +74,7 @@ class RunContext:
         """Set some fields (``mode``, ``t``, ``step`` ...) for the duration of a block, then restore them."""
         if "mode" in fields:
             check_allowed("mode", fields["mode"], MODES)
-        unknown = set(fields) - {"t", "step", "steps", "mode"}
+        unknown = set(fields) - {"t", "step", "steps", "mode", "group"}
         if unknown:
             raise TypeError(f"unknown run-context fields {sorted(unknown)}")
         before = {k: getattr(self, k) for k in fields}
@@ -83,7 +90,7 @@ class RunContext:
         # a copied denoiser gets its own context (its modules point to the copy, through ``memo``); the
         # timestep of the last call is transient and may be a tracing tensor (after an export): not copied
         new = RunContext()
-        new.step, new.steps, new.runs, new.mode = self.step, self.steps, self.runs, self.mode
+        new.step, new.steps, new.runs, new.mode, new.group = self.step, self.steps, self.runs, self.mode, self.group
         memo[id(self)] = new
         return new
 

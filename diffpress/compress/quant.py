@@ -6,7 +6,9 @@ DequantizeLinear nodes. Scales live in buffers so ``torch.export`` captures them
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
@@ -148,6 +150,7 @@ class ActQuant(nn.Module):
         self.register_buffer("scale", torch.tensor(scales, dtype=torch.float32))
         self.register_buffer("zero_point", torch.tensor(zero_points, dtype=torch.int32))
         self.register_buffer("bounds", torch.tensor(bounds, dtype=torch.float32))
+        self.literals: tuple[list[float], list[int]] | None = None  # set only inside literal_scales()
 
     @property
     def groups(self) -> int:
@@ -156,12 +159,36 @@ class ActQuant(nn.Module):
     def group_index(self) -> torch.Tensor:
         if self.groups == 1:
             return torch.zeros(1, dtype=torch.long, device=self.scale.device)
+        if self.context is not None and self.context.group is not None:  # fixed for an export
+            return torch.tensor([self._fixed_group()], device=self.scale.device)
         if self.context is None or self.context.t is None:
             raise DiffpressError("this quantizer has timestep groups but no timestep; call it through the Denoiser")
         t = self.context.t.reshape(-1)[:1].float()  # a batch shares one timestep in every sampler
         return (t[:, None] >= self.bounds).sum(1)
 
+    def _fixed_group(self) -> int:
+        g = 0 if self.groups == 1 else self.context.group
+        if g is None or not 0 <= g < self.groups:
+            raise DiffpressError(f"literal scales need a timestep group in 0..{self.groups - 1} (run context "
+                                 f"group={g}); set it with runtime.using(group=...)")
+        return g
+
+    def _literal(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake quantization with Python-number scale and zero point (see :func:`literal_scales`); 8-bit values
+        are stored as int8 (uint8 shifted by 128: the same numbers)."""
+        if self.literals is None:
+            raise DiffpressError("mode 'literal' needs the scales as numbers: run inside quant.literal_scales(model)")
+        g = self._fixed_group()
+        scale, zp = self.literals[0][g], self.literals[1][g]
+        if self.bits != 8:
+            return fake_quant_values(x, scale, zp, self.bits, self.symmetric)
+        shift = 0 if self.symmetric else 128
+        q = QD.quantize_per_tensor(x, scale, zp - shift, -128, 127, torch.int8)
+        return QD.dequantize_per_tensor(q, scale, zp - shift, -128, 127, torch.int8)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _mode(self.context) == "literal":
+            return self._literal(x)
         idx = self.group_index()  # (1,), index_select keeps export free of data-dependent sizes
         scale = self.scale.index_select(0, idx).reshape(())
         zp = self.zero_point.index_select(0, idx).reshape(())
@@ -240,8 +267,13 @@ class _QuantWeights:
     context: RunContext | None
 
     def _dequantized(self, part: str) -> torch.Tensor:
-        return dequantize_weight(getattr(self, f"weight_q{part}"), getattr(self, f"weight_scale{part}"),
-                                 self.group_size, self.bits, plain=_mode(self.context) == "plain")
+        q, scale = getattr(self, f"weight_q{part}"), getattr(self, f"weight_scale{part}")
+        mode = _mode(self.context)
+        if mode == "literal" and self.bits in (7, 8) and self.group_size is None:
+            # per-channel int8 storage (7-bit values too) with an explicit int64 zero point: the weight pattern
+            # XNNPACK lowers
+            return QD.dequantize_per_channel(q, scale, getattr(self, f"weight_zero{part}"), 0, -127, 127, torch.int8)
+        return dequantize_weight(q, scale, self.group_size, self.bits, plain=mode in ("plain", "literal"))
 
     def packed_buffers(self) -> dict[str, int]:
         """Integer buffers (name -> bits) that hold ``bits``-bit values in int8 storage."""
@@ -274,6 +306,9 @@ class QuantLinear(_QuantWeights, nn.Module):
         return self._dequantized("")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _mode(self.context) == "literal":  # F.linear: what XNNPACK recognises as a (quantized) linear
+            y = _maybe(self.act_out, F.linear(_maybe(self.act_in, x), self.weight()))
+            return y if self.bias is None else y + self.bias
         y = _maybe(self.act_out, torch.matmul(_maybe(self.act_in, x), self.weight().t()))
         return y if self.bias is None else y + self.bias
 
@@ -355,3 +390,35 @@ class QuantConv2d(_QuantWeights, nn.Module):
         g = f"group {self.group_size}" if self.group_size else "per-channel"
         s = f", split at {self.split}" if self.split is not None else ""
         return f"{self.in_channels} -> {self.out_channels}, k={self.kernel_size}, W{self.bits} {g}{s}"
+
+
+@contextlib.contextmanager
+def literal_scales(module: nn.Module) -> Iterator[nn.Module]:
+    """Inside this block the quantizers under ``module`` hold their scales as Python numbers and the weight
+    quantizers an explicit zero point, which run-time mode ``literal`` uses: the graph ``torch.export`` then
+    captures has constant activation scales (a backend reads them as static quantization) and the exact
+    numbers of the PyTorch model.
+
+    >>> q, x = ActQuant([0.1], [128], [], context=RunContext()), torch.tensor([0.26, -20.0])
+    >>> with literal_scales(q), q.context.using(mode="literal"):
+    ...     y = q(x)
+    >>> [round(v, 4) for v in y.tolist()], torch.equal(y, q(x))
+    ([0.3, -12.8], True)
+    """
+    acts = [m for m in module.modules() if isinstance(m, ActQuant)]
+    layers = [m for m in module.modules() if isinstance(m, _QuantWeights)]
+    try:
+        for m in acts:
+            m.literals = ([float(v) for v in m.scale.tolist()], [int(v) for v in m.zero_point.tolist()])
+        for m in layers:
+            for name, scale in list(m.named_buffers(recurse=False)):
+                if name.startswith("weight_scale") and scale.dim() == 1:
+                    m.register_buffer(name.replace("scale", "zero"), torch.zeros(len(scale), dtype=torch.long),
+                                      persistent=False)
+        yield module
+    finally:
+        for m in acts:
+            m.literals = None
+        for m in layers:
+            for name in [n for n, _ in m.named_buffers(recurse=False) if n.startswith("weight_zero")]:
+                delattr(m, name)

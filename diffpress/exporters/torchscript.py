@@ -1,7 +1,7 @@
 """export_torchscript(): ``torch.jit.trace`` of every graph of a Denoiser's export plan, checked by reloading.
 
 TorchScript is deprecated upstream (PyTorch recommends torch.export / ExecuTorch); diffpress keeps it
-because deployments still ask for it, and warns. Modules that passes install run in the run-time
+because deployments still ask for it, and warns, naming the ExecuTorch path (:mod:`diffpress.exporters.executorch`). Modules that passes install run in the run-time
 context's ``plain`` mode while tracing (fake quantization as round/clamp arithmetic), so the file loads in
 any PyTorch without diffpress and computes what the PyTorch model computes.
 """
@@ -18,8 +18,9 @@ from diffpress.denoiser import Denoiser, eval_mode
 from diffpress.errors import DiffpressError
 from diffpress.exporters.plan import build_plan, describe, rel_rms, write_io_spec
 
-DEPRECATION = ("TorchScript is deprecated upstream (torch.jit.trace); diffpress still exports it, but prefer the "
-               "ONNX export or torch.export for new deployments")
+DEPRECATION = ("TorchScript is deprecated upstream (torch.jit.trace) and its mobile runtime is retired; diffpress "
+               "still exports it, but for phones and edge devices use ExecuTorch (diffpress export --format executorch, "
+               "diffpress.exporters.executorch.export_executorch), and ONNX elsewhere")
 
 
 def export_torchscript(denoiser: Denoiser, out_dir: str | Path, *, batch: int = 2,

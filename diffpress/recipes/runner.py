@@ -176,12 +176,19 @@ def _export(fmt: str, compressed: Denoiser, folder: Path, cfg) -> dict[str, Any]
         return {"format": fmt, "path": f"{folder.name}/model.onnx", "bytes": run_report.folder_bytes(folder),
                 "opset": cfg.opset, "verification": res.verification, "op_types": res.op_types,
                 "ort_op_types": res.ort_op_types}
+    if fmt == "executorch":
+        from diffpress.exporters.executorch import export_executorch
+
+        spec = export_executorch(compressed, folder, batch=cfg.batch, rtol=cfg.rtol)
+        return {"format": fmt, "path": f"{folder.name}/model.pte", "bytes": run_report.folder_bytes(folder),
+                "verification": spec["verification"], "methods": spec["methods"],
+                "delegation": {m: {k: v for k, v in d.items() if k != "ops"} for m, d in spec["delegation"].items()}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # the deprecation is stated in the report instead
         spec = export_torchscript(compressed, folder, batch=cfg.batch)
     return {"format": fmt, "path": f"{folder.name}/model.pt", "bytes": run_report.folder_bytes(folder),
             "verification": spec["verification"],
-            "note": "TorchScript is deprecated upstream; the traced graph computes what the PyTorch model computes"
+            "note": "TorchScript is deprecated upstream (its successor on mobile: {format: executorch}); the traced graph computes what the PyTorch model computes"
                     + "".join(f" ({n})" for n in registry.simulation_notes(compressed.compression))}
 
 

@@ -38,7 +38,7 @@ BUILTIN_DIR = Path(__file__).parent
 # checkpoint's noise schedule)
 SAMPLERS = ("auto", "model", None, *SCHEDULERS)
 METRICS = ("psnr", "ssim", "cond_accuracy", "fd_real", "size", "torch_latency", "ort_speed")
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "executorch")
 
 
 @dataclass
@@ -95,13 +95,14 @@ class EvaluationConfig:
 
 @dataclass
 class ExportConfig:
-    """One artifact to write: ``format`` onnx (Q/DQ, checked in ONNX Runtime) or torchscript (``jit.trace``)."""
+    """One artifact to write: ``format`` onnx (Q/DQ, checked in ONNX Runtime), executorch (``.pte`` for the XNNPACK
+    backend, checked in the ExecuTorch runtime; the optional extra) or torchscript (``jit.trace``, deprecated)."""
 
     format: str = "onnx"
     opset: int | None = None  # ONNX only; null: 21
     dtype: str = "float32"  # input / output dtype; float32 only so far
     dynamic_batch: bool | None = None  # null: true for ONNX; TorchScript traces a fixed batch
-    batch: int = 2  # the batch traced (TorchScript's fixed batch)
+    batch: int = 2  # the batch traced (TorchScript's and ExecuTorch's fixed batch)
     # ONNX: the CPUs the artifact must agree on: "any" (AVX2 included) or "vnni" (VNNI / AMX / ARM / GPU);
     # null: whatever the quantize pass's target was. An artifact quantized for vnni is refused for any
     target: str | None = None
@@ -128,11 +129,16 @@ class ExportConfig:
                 raise DiffpressError(f"opset: {self.opset} is not allowed; allowed: {ok[0]} to {ok[-1]} (torch.onnx's "
                                      "dynamo exporter and this onnxscript); some passes need a newer one")
         else:
+            name = {"torchscript": "TorchScript", "executorch": "ExecuTorch"}[self.format]
             if self.opset is not None:
-                raise DiffpressError("opset: TorchScript has no opset; remove the key or set it to null")
+                raise DiffpressError(f"opset: {name} has no opset; remove the key or set it to null")
             if self.dynamic_batch:
-                raise DiffpressError("dynamic_batch: TorchScript traces a fixed batch; set false or null")
+                raise DiffpressError(f"dynamic_batch: {name} traces a fixed batch; set false or null")
             self.dynamic_batch = False
+        if self.format == "executorch":  # before anything is computed: the optional extra must be there
+            from diffpress.exporters.executorch import _require
+
+            _require()
 
 
 @dataclass
