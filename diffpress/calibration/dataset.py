@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,7 +14,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import diffpress.conditions as conditions
-from diffpress._io import atomic_file
+from diffpress._io import atomic_file, check_writable
 from diffpress.calibration.policies import TimestepPolicy
 from diffpress.denoiser import Denoiser
 from diffpress.errors import DiffpressError
@@ -136,6 +138,7 @@ def collect(
     uncond: conditions.Cond = None,
     seed: int = 1000,
     batch_size: int = 64,
+    path: str | Path | None = None,
     progress: bool = True,
 ) -> CalibrationSet:
     """Run the full-precision sampler and keep the denoiser inputs at the steps ``policy`` selects.
@@ -145,12 +148,21 @@ def collect(
     repeated unless ``labels`` or ``cond`` is given (``uncond``: the guidance null per sample, default the
     model's null condition); with guidance both branches are kept.
 
+    With ``path`` the set streams to disk: each chunk of ``batch_size`` trajectories is written as it is
+    sampled, the chunks are joined into the safetensors file at ``path`` piece by piece, and the set comes back
+    loaded lazily, so memory holds one chunk, not the set (for SD-sized models). Under ``torchrun`` each process
+    samples its share of the chunks (chunk ``i`` on rank ``i % N``, see :mod:`diffpress.distributed`) and every
+    process gets the same set, bit-identical to a single process's; with ``path`` rank 0 writes the file (on
+    several machines ``path`` must be on a shared file system).
+
     >>> from diffpress import load
     >>> cs = collect(load("digits-cond-unet"), num_samples=4, steps=10,
     ...              policy=TimestepPolicy("uniform", count=3), progress=False)
     >>> len(cs), len(cs.timesteps)  # 4 samples x 2 CFG branches x 3 steps
     (24, 3)
     """
+    from diffpress import distributed
+
     policy = policy or TimestepPolicy()
     if guidance is None:
         guidance = denoiser.default_guidance
@@ -163,12 +175,21 @@ def collect(
     if cond is not None and conditions.batch_size(cond) < num_samples:
         raise DiffpressError(f"{conditions.batch_size(cond)} conditions for {num_samples} calibration samples; give "
                              "at least one condition per sample")
-    per_step: dict[int, list[tuple]] = {}
-    chosen: list[int] | None = None
+    if path is not None:
+        path = check_writable(path, force=False)
+    chunks = [(lo, min(lo + batch_size, num_samples)) for lo in range(0, num_samples, batch_size)]
+    parts_dir = None if path is None else path.parent / f".{path.name}.parts"
+    if parts_dir is not None and distributed.is_main():
+        shutil.rmtree(parts_dir, ignore_errors=True)
+        parts_dir.mkdir(parents=True)
+    distributed.barrier()
+    done: dict[int, Any] = {}  # chunk index -> {step: (x, t, cond)} or the chunk's file
     timesteps: dict[int, float] = {}
-    with tqdm(total=num_samples, desc="calibration trajectories", disable=not progress, leave=False) as bar:
-        for lo in range(0, num_samples, batch_size):
-            hi = min(lo + batch_size, num_samples)
+    mine = distributed.mine(len(chunks))
+    with tqdm(total=sum(chunks[i][1] - chunks[i][0] for i in mine), desc="calibration trajectories",
+              disable=not progress or not distributed.is_main(), leave=False) as bar:
+        for i in mine:
+            lo, hi = chunks[i]
             kw: dict[str, Any] = {}
             if labels is not None:
                 kw["labels"] = torch.as_tensor(labels)[lo:hi]
@@ -181,21 +202,80 @@ def collect(
                 out = sample(denoiser, steps=steps, scheduler=scheduler, guidance=guidance, seed=seed + lo,
                              batch_size=hi - lo, record=True, progress=False, **kw)
             traj = out.trajectory
-            chosen = policy.select(len(traj)) if chosen is None else chosen
-            for s in chosen:
-                per_step.setdefault(s, []).append(traj.inputs(s))
-                timesteps[s] = float(traj.timesteps[s])
+            picked = {s: traj.inputs(s) for s in policy.select(len(traj))}
+            timesteps.update({s: float(traj.timesteps[s]) for s in picked})
+            if parts_dir is None:
+                done[i] = picked
+            else:
+                piece = _join(picked)
+                _check_finite(piece[0], piece[1], piece[2])
+                tensors = {"x": piece[0].contiguous(), "t": piece[1], "step": piece[3], **conditions.flatten(piece[2])}
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(parts_dir / f"chunk{i:06d}.safetensors"))
+                done[i] = None
             bar.update(hi - lo)
-    xs, ts, cs, ss = [], [], [], []
-    for s in sorted(per_step):
-        for x, t, c in per_step[s]:
-            xs.append(x)
-            ts.append(t.float())
-            ss.append(torch.full((len(x),), s, dtype=torch.long))
-            if c is not None:
-                cs.append(c)
+    done = distributed.gather_pieces(done)
+    for part in distributed.gather(timesteps):
+        timesteps.update(part)
+    selected = sorted(timesteps)
     meta = {"policy": policy.__dict__, "num_samples": num_samples, "steps": steps,
             "scheduler": scheduler or "model default", "guidance": guidance, "seed": seed,
             "sample_shape": list(denoiser.sample_shape), "cond_kind": denoiser.cond_kind,
-            "selected_steps": sorted(per_step), "timesteps": [timesteps[s] for s in sorted(per_step)]}
-    return CalibrationSet(torch.cat(xs), torch.cat(ts), conditions.cat(*cs) if cs else None, torch.cat(ss), meta)
+            "selected_steps": selected, "timesteps": [timesteps[s] for s in selected]}
+    if parts_dir is None:
+        x, t, c, st = _join({(s, i): done[i][s] for s in selected for i in done})
+        return CalibrationSet(x, t, c, st, meta)
+    try:
+        if distributed.is_main():
+            files = [parts_dir / f"chunk{i:06d}.safetensors" for i in done]
+            _join_files(files, path, meta)
+        distributed.barrier()
+    finally:
+        if distributed.is_main():
+            shutil.rmtree(parts_dir, ignore_errors=True)
+    return CalibrationSet.load(path, lazy=True)
+
+
+def _join(picked: dict) -> tuple:
+    """``{key: (x, t, cond)}`` (key: a step, or (step, chunk)) -> x, t, cond, step in key order."""
+    xs, ts, cs, ss = [], [], [], []
+    for key, (x, t, c) in sorted(picked.items()):
+        s = key[0] if isinstance(key, tuple) else key
+        xs.append(x)
+        ts.append(t.float())
+        ss.append(torch.full((len(x),), s, dtype=torch.long))
+        if c is not None:
+            cs.append(c)
+    return torch.cat(xs), torch.cat(ts), conditions.cat(*cs) if cs else None, torch.cat(ss)
+
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _join_files(files: list[Path], path: Path, meta: dict) -> None:
+    """Write the chunks' sets (each ordered by step) as one set ordered by step, then chunk, to ``path``: a
+    safetensors file written tensor by tensor, step by step, so that memory holds one slice at a time."""
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    steps = [h.get_tensor("step") for h in handles]
+    order = sorted({int(s) for st in steps for s in st.tolist()})
+    rows = {(s, j): ((st == s).nonzero().min().item(), (st == s).nonzero().max().item() + 1)
+            for j, st in enumerate(steps) for s in order if (st == s).any()}
+    header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "meta": json.dumps(meta)}}
+    names = list(handles[0].keys())
+    offset = 0
+    for name in names:
+        shape = [sum(h.get_slice(name).get_shape()[0] for h in handles), *handles[0].get_slice(name).get_shape()[1:]]
+        probe = handles[0].get_slice(name)[0:1]
+        size = probe.element_size() * int(torch.Size(shape).numel())
+        header[name] = {"dtype": _DTYPES[probe.dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with atomic_file(path) as tmp, open(tmp, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)) + blob)
+        for name in names:
+            for s in order:
+                for j, h in enumerate(handles):
+                    if (s, j) in rows:
+                        lo, hi = rows[(s, j)]
+                        out.write(h.get_slice(name)[lo:hi].contiguous().view(torch.uint8).numpy().tobytes())

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffpress import distributed
 from diffpress.calibration.dataset import CalibrationSet
 from diffpress.runtime import hooks
 
@@ -24,12 +25,25 @@ if TYPE_CHECKING:
 
 @dataclass
 class StepStats:
-    """Statistics of one activation at one timestep."""
+    """Statistics of one activation at one timestep: min, max, count and a uniform random sample of at most
+    ``max_samples`` values. The sample keeps the values with the smallest random keys (bottom-k sampling), so it
+    does not depend on the order the batches come in: statistics merged from several processes equal a single
+    process's.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> a, b, both = StepStats(), StepStats(), StepStats()
+    >>> x, y = torch.arange(10.0), -torch.arange(10.0)
+    >>> a.update(x, 4, g.manual_seed(1)); b.update(y, 4, g.manual_seed(2))
+    >>> both.update(y, 4, g.manual_seed(2)); both.update(x, 4, g.manual_seed(1))
+    >>> a.merge(b); torch.equal(a.samples, both.samples), (a.min, a.max, a.count)
+    (True, (-9.0, 9.0, 20))
+    """
 
     min: float = float("inf")
     max: float = float("-inf")
     count: int = 0
     samples: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    keys: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64))
 
     def update(self, x: torch.Tensor, max_samples: int, gen: torch.Generator) -> None:
         x = x.detach().float().flatten()
@@ -38,10 +52,17 @@ class StepStats:
         self.count += x.numel()
         take = min(x.numel(), max_samples)
         picked = x[torch.randint(0, x.numel(), (take,), generator=gen)]
-        pool = torch.cat([self.samples, picked])
-        if len(pool) > max_samples:
-            pool = pool[torch.randperm(len(pool), generator=gen)[:max_samples]]
-        self.samples = pool
+        self._keep(picked, torch.rand(take, generator=gen, dtype=torch.float64), max_samples)
+
+    def merge(self, other: "StepStats", max_samples: int | None = None) -> None:
+        """Fold ``other`` (the same activation and timestep, other batches) into this one."""
+        self.min, self.max, self.count = min(self.min, other.min), max(self.max, other.max), self.count + other.count
+        self._keep(other.samples, other.keys, max_samples or max(len(self.samples), len(other.samples)))
+
+    def _keep(self, values: torch.Tensor, keys: torch.Tensor, max_samples: int) -> None:
+        keys = torch.cat([self.keys, keys])
+        order = torch.sort(keys, stable=True).indices[:max_samples]  # canonical: ascending keys
+        self.samples, self.keys = torch.cat([self.samples, values])[order], keys[order]
 
 
 # layer name -> "in" / "out" -> part index (0, or 0/1 for split inputs) -> timestep -> StepStats
@@ -83,7 +104,7 @@ def observe(
     >>> sorted(stats["model.conv_in"]["in"][0])  # the four DDIM timesteps
     [0.0, 250.0, 500.0, 750.0]
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator()
     stats: ActivationStats = {
         name: {kind: [{} for _ in range(1 if split is None else 2)] for kind in (("in", "out") if outputs else ("in",))}
         for name, split in layers.items()}
@@ -105,9 +126,30 @@ def observe(
     from diffpress.denoiser import eval_mode
 
     specs = [(denoiser.get_submodule(name), "pre", make_hook(name, split)) for name, split in layers.items()]
+    rank, size = distributed.world()
     with hooks(specs), runtime.using(mode="calibrate"), eval_mode(denoiser), torch.no_grad(), \
-            tqdm(total=len(calibration), desc="observing activations", disable=not progress, leave=False) as bar:
-        for x, t, cond in calibration.batches(batch_size):  # streamed: a lazy set stays on disk
-            denoiser(x, t, cond)
+            tqdm(total=len(calibration), desc="observing activations", disable=not progress or rank > 0,
+                 leave=False) as bar:
+        for i, (x, t, cond) in enumerate(calibration.batches(batch_size)):  # streamed: a lazy set stays on disk
+            if i % size == rank:  # under torchrun: this rank's share of the batches
+                gen.manual_seed(seed * 1_000_003 + i)  # per batch: the same draws whichever rank runs it
+                denoiser(x, t, cond)
             bar.update(len(x))
-    return stats
+    return _merged(distributed.gather(stats), max_samples)
+
+
+def _merged(parts: list[ActivationStats], max_samples: int) -> ActivationStats:
+    """Statistics of several ranks combined, each activation's timesteps in sampling order (descending t): the
+    same whatever the number of ranks."""
+    out = parts[0]
+    for name, kinds in out.items():
+        for kind, stores in kinds.items():
+            for j, store in enumerate(stores):
+                for other in parts[1:]:
+                    for t, st in other[name][kind][j].items():
+                        if t in store:
+                            store[t].merge(st, max_samples)
+                        else:
+                            store[t] = st
+                stores[j] = dict(sorted(store.items(), key=lambda kv: -kv[0]))
+    return out
