@@ -21,19 +21,26 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from onnx_speed import interleaved_medians  # benchmarks/, beside this script
-from ptq import GUIDANCE, STEPS, setup
+# this file's name shadows the executorch package while its folder leads sys.path: import the package first
+_here = sys.path.pop(0)
+from diffpress.exporters import executorch as et  # noqa: E402
 
-import diffpress
+et._require()
+sys.path.append(_here)
+
+import torch  # noqa: E402
+from onnx_speed import interleaved_medians  # noqa: E402  (benchmarks/, beside this script)
+from ptq import GUIDANCE, STEPS, setup  # noqa: E402
+
+import diffpress  # noqa: E402
 from diffpress.calibration import collect
 from diffpress.compress import quantize_
 from diffpress.eval import metrics
-from diffpress.exporters import executorch as et
 from diffpress.exporters.cpu import cpu_flags
 from diffpress.exporters.plan import example_feed
 from diffpress.recipes.schema import load_recipe

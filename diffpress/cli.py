@@ -226,9 +226,16 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     out = args.out if args.out is not None else default_out(recipe.name, args.model)
     _quiet_exporters()
-    result = run_recipe(recipe, args.model, out, calibration=args.calibration, force=args.force,
-                        progress=not args.no_progress)
-    print(result.summary())
+    from diffpress import distributed
+
+    distributed.init()  # under torchrun: one process group; every rank calibrates, rank 0 writes
+    try:
+        result = run_recipe(recipe, args.model, out, calibration=args.calibration, force=args.force,
+                            progress=not args.no_progress)
+    finally:
+        distributed.finish()
+    if result is not None:
+        print(result.summary())
 
 
 def _quiet_exporters() -> None:

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from diffpress import distributed
 from diffpress._io import atomic_dir, check_writable
 import diffpress.conditions as conditions
 from diffpress.calibration import CalibrationSet, collect
@@ -163,7 +164,8 @@ def _calibrate(den: Denoiser, cfg: CalibrationConfig, sampler: str | None, path:
     cs.meta["conditions"] = dataclasses.asdict(cfg.conditions)
     if path is None:
         return cs, "collected"
-    cs.save(path)  # right away: a later failure of the run should not cost the collection
+    if distributed.is_main():
+        cs.save(path)  # right away: a later failure of the run should not cost the collection
     return cs, f"collected, saved to {path}"
 
 
@@ -253,7 +255,7 @@ def default_out(recipe_name: str, model: str | Path | None) -> Path:
 
 def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None = None, out: str | Path | None = None,
                overrides: Iterable[str] = (), calibration: str | Path | None = None, force: bool = False,
-               progress: bool = True) -> RunResult:
+               progress: bool = True) -> RunResult | None:
     """Run a recipe end to end: load ``model`` (default: the zoo's digits-cond-unet), calibrate, apply the
     passes, evaluate against the uncompressed model on the same seeds, export, and write ``out`` atomically.
 
@@ -261,6 +263,10 @@ def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None 
     are ``KEY=VALUE`` strings like the CLI's ``--set``. ``calibration`` names a calibration file: reused
     if it exists (it must fit the model and the recipe), else collected and saved there. With
     ``out=None`` nothing is written: exports and timings use a temporary folder.
+
+    Under ``torchrun`` (after :func:`diffpress.distributed.init`; ``diffpress run`` does it) every rank takes its
+    share of the calibration trajectories and observer batches and applies the passes to the same statistics;
+    rank 0 alone evaluates, exports and writes (bit-identical to a single-process run), the others return None.
 
     >>> import diffpress
     >>> tiny = ["calibration.samples=2", "calibration.steps=4", "calibration.policy.count=2",
@@ -288,7 +294,8 @@ def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None 
              *[f"pass {i}: {p.name}" for i, p in enumerate(recipe.passes)], "evaluate",
              *[f"export {e.format}" for e in recipe.exports], *(["ort speed"] if measure_ort else []),
              *(["write"] if out is not None else [])]
-    stages = _Stages(names, progress)
+    main = distributed.is_main()  # under torchrun: every rank calibrates and compresses, rank 0 does the rest
+    stages = _Stages(names if main else names[: names.index("evaluate")], progress and main)
     try:
         result = _run(recipe, model, out, force, progress, cal_path, resume, stages, onnx_cfg, measure_ort)
     except BaseException:
@@ -296,7 +303,7 @@ def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None 
             print(f"diffpress: the calibration set is kept at {cal_path}; the same command reuses it "
                   "(delete it to collect anew)", file=sys.stderr)
         raise
-    if resume:
+    if resume and main:
         cal_path.unlink(missing_ok=True)  # the run is complete: nothing to resume
     return result
 
@@ -304,7 +311,9 @@ def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None 
 def _run(recipe: Recipe, model, out, force: bool, progress: bool, cal_path: Path | None, resume: bool,
          stages: _Stages, onnx_cfg, measure_ort: bool) -> RunResult:
     ev = recipe.evaluation
-    folder = atomic_dir(out, force=force) if out is not None else tempfile.TemporaryDirectory(prefix="diffpress-run-")
+    main = distributed.is_main()
+    folder = (atomic_dir(out, force=force) if out is not None and main
+              else tempfile.TemporaryDirectory(prefix="diffpress-run-"))
     with folder as tmp, stages.bar:
         tmp = Path(tmp)
         label = _model_label(model)
@@ -323,12 +332,14 @@ def _run(recipe: Recipe, model, out, force: bool, progress: bool, cal_path: Path
         if recipe.needs_calibration:
             c = recipe.calibration
             with stages("calibrate", f"{c.samples} trajectories x {c.steps} steps ({cal_sched['class']})"):
-                cs, cal_source = _calibrate(reference, c, cal_sampler, cal_path, progress, resume)
+                cs, cal_source = _calibrate(reference, c, cal_sampler, cal_path, progress and main, resume)
         compressed = reference.copy()
         pass_reports = []
         for i, step in enumerate(recipe.passes):
             with stages(f"pass {i}: {step.name}", step.spec.description):
-                pass_reports.append(step.spec.apply(compressed, step.config, cs, progress))
+                pass_reports.append(step.spec.apply(compressed, step.config, cs, progress and main))
+        if not main:  # the other ranks' share is done: rank 0 evaluates, exports and writes
+            return None
         eval_sampler, eval_sched = resolve_sampler(reference, ev.sampler)
         with stages("evaluate", f"{ev.samples} samples x {ev.steps} steps, both models, seeds {ev.seed}.."):
             eval_conds, cond_note = conditions.materialize(reference, ev.conditions, ev.samples, seed=ev.seed)

@@ -1,0 +1,88 @@
+"""Calibration under torchrun: two processes give what one gives, bit for bit (statistics, calibration set,
+compressed model), and `diffpress run` works under torchrun unchanged."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from diffpress import distributed
+from diffpress.calibration.observers import StepStats
+
+HERE = Path(__file__).parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+RUN = ["--no-progress", "--set", "calibration.samples=8", "--set", "calibration.batch_size=2",
+       "--set", "calibration.steps=6", "--set", "calibration.policy.count=3", "--set", "passes.0.reconstruct=null",
+       "--set", "passes.0.batch_size=8", "--set", "evaluation.samples=4", "--set", "evaluation.steps=6",
+       "--set", "evaluation.latency_repeats=1", "--set", "exports=[]", "--set", "evaluation.metrics=[psnr, ssim]"]
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default per process; the same for the single run
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _same_file(a: Path, b: Path) -> None:
+    fa, fb = safe_open(str(a), "pt"), safe_open(str(b), "pt")
+    assert fa.metadata() == fb.metadata() and list(fa.keys()) == list(fb.keys())
+    for k in fa.keys():
+        assert torch.equal(fa.get_tensor(k), fb.get_tensor(k)), k
+
+
+def test_single_process_is_the_default():
+    assert not distributed.active() and distributed.world() == (0, 1) and distributed.is_main()
+    assert distributed.gather_pieces({2: "b", 0: "a"}) == {0: "a", 2: "b"}
+
+
+def test_bottom_k_samples_do_not_depend_on_batch_order_or_grouping():
+    g = torch.Generator()
+    xs = [torch.randn(300, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+
+    def stats(order, groups):
+        parts = []
+        for group in groups:
+            st = StepStats()
+            for i in (i for i in order if i in group):
+                st.update(xs[i], 64, g.manual_seed(100 + i))
+            parts.append(st)
+        for other in parts[1:]:
+            parts[0].merge(other, 64)
+        return parts[0]
+
+    one = stats(range(6), [set(range(6))])
+    two = stats([5, 3, 1, 0, 2, 4], [{0, 2, 4}, {1, 3, 5}])
+    assert torch.equal(one.samples, two.samples) and len(one.samples) == 64
+    assert (one.min, one.max, one.count) == (two.min, two.max, two.count) == (
+        float(torch.cat(xs).min()), float(torch.cat(xs).max()), 1800)
+
+
+def test_torchrun_statistics_and_streamed_set_equal_a_single_process(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    script = str(HERE / "distributed_stats.py")
+    _run([sys.executable, script, "one"], tmp_path)
+    _run([*TORCHRUN, script, "two", "--stream"], tmp_path)  # streamed to disk by two ranks
+    order = json.loads(safe_open(str(tmp_path / "one" / "stats.safetensors"), "pt").metadata()["order"])
+    assert len(order) > 100  # every linear, input and output, three timesteps
+    _same_file(tmp_path / "one" / "stats.safetensors", tmp_path / "two" / "stats.safetensors")
+    _same_file(tmp_path / "one" / "cal.safetensors", tmp_path / "two" / "cal.safetensors")
+    assert not list((tmp_path / "two").glob(".*parts"))  # the streamed chunks are cleaned up
+
+
+def test_diffpress_run_under_torchrun_writes_the_single_process_model(tmp_path):
+    cli = ["-m", "diffpress.cli", "run", "w8a8", "--model", "digits-dit"]
+    one = _run([sys.executable, *cli, "--out", "one", "--calibration", "one.safetensors", *RUN], tmp_path)
+    two = _run([*TORCHRUN, *cli, "--out", "two", "--calibration", "two.safetensors", *RUN], tmp_path)
+    assert two.stdout.count("wrote two") == 1  # rank 0 alone reports and writes
+    _same_file(tmp_path / "one" / "model" / "compressed.safetensors", tmp_path / "two" / "model" / "compressed.safetensors")
+    fa, fb = (safe_open(str(tmp_path / f), "pt") for f in ("one.safetensors", "two.safetensors"))
+    assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
+    reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two")]
+    assert reports[0]["evaluation"]["fidelity"]["psnr_db"] == reports[1]["evaluation"]["fidelity"]["psnr_db"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "one.safetensors", "two", "two.safetensors"]
