@@ -38,12 +38,12 @@ from onnx_speed import interleaved_medians  # noqa: E402  (benchmarks/, beside t
 from ptq import GUIDANCE, STEPS, setup  # noqa: E402
 
 import diffpress  # noqa: E402
-from diffpress.calibration import collect
-from diffpress.compress import quantize_
-from diffpress.eval import metrics
-from diffpress.exporters.cpu import cpu_flags
-from diffpress.exporters.plan import example_feed
-from diffpress.recipes.schema import load_recipe
+from diffpress.calibration import collect  # noqa: E402
+from diffpress.compress import quantize_  # noqa: E402
+from diffpress.eval import metrics  # noqa: E402
+from diffpress.exporters.cpu import cpu_flags  # noqa: E402
+from diffpress.exporters.plan import example_feed  # noqa: E402
+from diffpress.recipes.schema import load_recipe  # noqa: E402
 
 
 class _Timed:
@@ -62,7 +62,8 @@ def quality(den, labels, clf, real_feats, refs: dict) -> dict:
                               progress=False).images
     feats, logits = metrics.classifier_outputs(clf, images)
     row = {"cond_accuracy": metrics.conditional_accuracy(logits, labels),
-           "fd_real": metrics.frechet_distance(feats.numpy(), real_feats), "sampling_seconds": round(time.perf_counter() - t0, 1)}
+           "fd_real": metrics.frechet_distance(feats.numpy(), real_feats),
+           "sampling_seconds": round(time.perf_counter() - t0, 1)}
     for name, ref in refs.items():
         row[f"psnr_vs_{name}"] = metrics.psnr(ref, images)
         row[f"ssim_vs_{name}"] = metrics.ssim(ref, images)

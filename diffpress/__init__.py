@@ -29,7 +29,8 @@ _LAZY = {
     "LowRankConfig": "diffpress.compress.lowrank", "lowrank_": "diffpress.compress.lowrank",
     "apply_lora": "diffpress.compress.lora",
     "Denoiser": "diffpress.denoiser", "evaluate": "diffpress.eval.report", "export_onnx": "diffpress.exporters.onnx",
-    "export_torchscript": "diffpress.exporters.torchscript", "load": "diffpress.loading",
+    "export_torchscript": "diffpress.exporters.torchscript", "export_executorch": "diffpress.exporters.executorch",
+    "load_executorch": "diffpress.exporters.executorch", "load": "diffpress.loading",
     "run_recipe": "diffpress.recipes.runner", "SampleOutput": "diffpress.sampling", "Trajectory": "diffpress.sampling",
     "make_scheduler": "diffpress.sampling", "sample": "diffpress.sampling",
 }
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from diffpress.compress.reconstruct import ReconstructConfig
     from diffpress.denoiser import Denoiser
     from diffpress.eval.report import evaluate
+    from diffpress.exporters.executorch import export_executorch, load_executorch
     from diffpress.exporters.onnx import export_onnx
     from diffpress.exporters.torchscript import export_torchscript
     from diffpress.loading import load
@@ -53,7 +55,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
 
 # diffpress.zoo etc. work without importing them first, as before the face was lazy
 __getattr__ = lazy_getattr(__name__, _LAZY, submodules=(
-    "calibration", "compress", "eval", "exporters", "graph", "recipes", "runtime", "zoo"))
+    "calibration", "compress", "distributed", "eval", "exporters", "graph", "recipes", "runtime", "zoo"))
 
 
 def __dir__() -> list[str]:
@@ -74,9 +76,11 @@ __all__ = [
     "apply_lora",
     "calibrate",
     "evaluate",
+    "export_executorch",
     "export_onnx",
     "export_torchscript",
     "load",
+    "load_executorch",
     "lowrank_",
     "make_scheduler",
     "quantize_",
