@@ -139,6 +139,7 @@ def collect(
     seed: int = 1000,
     batch_size: int = 64,
     path: str | Path | None = None,
+    meta: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> CalibrationSet:
     """Run the full-precision sampler and keep the denoiser inputs at the steps ``policy`` selects.
@@ -153,7 +154,7 @@ def collect(
     loaded lazily, so memory holds one chunk, not the set (for SD-sized models). Under ``torchrun`` each process
     samples its share of the chunks (chunk ``i`` on rank ``i % N``, see :mod:`diffpress.distributed`) and every
     process gets the same set, bit-identical to a single process's; with ``path`` rank 0 writes the file (on
-    several machines ``path`` must be on a shared file system).
+    several machines ``path`` must be on a shared file system). ``meta`` adds entries to the set's metadata.
 
     >>> from diffpress import load
     >>> cs = collect(load("digits-cond-unet"), num_samples=4, steps=10,
@@ -220,7 +221,7 @@ def collect(
     meta = {"policy": policy.__dict__, "num_samples": num_samples, "steps": steps,
             "scheduler": scheduler or "model default", "guidance": guidance, "seed": seed,
             "sample_shape": list(denoiser.sample_shape), "cond_kind": denoiser.cond_kind,
-            "selected_steps": selected, "timesteps": [timesteps[s] for s in selected]}
+            "selected_steps": selected, "timesteps": [timesteps[s] for s in selected], **(meta or {})}
     if parts_dir is None:
         x, t, c, st = _join({(s, i): done[i][s] for s in selected for i in done})
         return CalibrationSet(x, t, c, st, meta)

@@ -46,7 +46,7 @@ class RunResult:
     evaluation: Report
     pass_reports: list[Any]
     report: dict[str, Any]  # what report.json holds
-    calibration: CalibrationSet | None = None
+    calibration: CalibrationSet | None = None  # streamed runs: read lazily from the file (deleted after a resumable run)
     out: Path | None = None
 
     def __getitem__(self, key: str) -> Any:
@@ -158,15 +158,12 @@ def _calibrate(den: Denoiser, cfg: CalibrationConfig, sampler: str | None, path:
             path.unlink()
     conds, _ = conditions.materialize(den, cfg.conditions, cfg.samples, seed=cfg.seed)
     conds.pop("num_samples", None)
+    # with a path the set streams there chunk by chunk (memory holds one chunk: SD-sized models) and is read back
+    # lazily; it is on disk as soon as it is complete, so a later failure of the run does not cost the collection
     cs = collect(den, num_samples=cfg.samples, steps=cfg.steps, scheduler=sampler, guidance=cfg.guidance,
-                 policy=cfg.policy, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress, **conds)
-    cs.meta["model_fingerprint"] = fingerprint
-    cs.meta["conditions"] = dataclasses.asdict(cfg.conditions)
-    if path is None:
-        return cs, "collected"
-    if distributed.is_main():
-        cs.save(path)  # right away: a later failure of the run should not cost the collection
-    return cs, f"collected, saved to {path}"
+                 policy=cfg.policy, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress, path=path,
+                 meta={"model_fingerprint": fingerprint, "conditions": dataclasses.asdict(cfg.conditions)}, **conds)
+    return cs, "collected" if path is None else f"collected, saved to {path}"
 
 
 def _export(fmt: str, compressed: Denoiser, folder: Path, cfg) -> dict[str, Any]:

@@ -107,3 +107,34 @@ def test_recipe_export_entry_and_a_missing_extra(monkeypatch):
     with pytest.raises(DiffpressError, match=r"diffpress\[executorch\]"):
         ExportConfig(format="executorch")
     assert not et.available()
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+        self.out = torch.nn.Conv2d(2, 1, 1)
+
+    def forward(self, x, t, cond=None):
+        return self.out(torch.relu(self.conv(x))) * (t.view(-1, 1, 1, 1) / 1000)
+
+
+def test_torchscript_warning_names_the_executorch_path(tmp_path):
+    from diffpress import export_torchscript
+
+    den = Denoiser(_Toy(), sample_shape=(1, 8, 8), prediction_type="epsilon")
+    with pytest.warns(FutureWarning, match="deprecated upstream.*use ExecuTorch.*--format executorch"):
+        export_torchscript(den, tmp_path / "ts")
+
+
+@needs_et
+def test_recipe_export_entry_writes_a_verified_pte(tmp_path):
+    from diffpress.recipes.runner import _export
+
+    den = Denoiser(_Toy(), sample_shape=(1, 8, 8), prediction_type="epsilon")
+    entry = _export("executorch", den, tmp_path / "executorch", ExportConfig(format="executorch", batch=3))
+    assert entry["path"] == "executorch/model.pte" and entry["verification"]["passed"]
+    assert entry["methods"] == ["model"] and entry["delegation"]["model"]["float_layers_delegated"] == 2
+    assert entry["bytes"] >= (tmp_path / "executorch" / "model.pte").stat().st_size > 0
+    spec = json.loads((tmp_path / "executorch" / "io_spec.json").read_text())
+    assert spec["inputs"][0]["shape"] == [3, 1, 8, 8] and spec["batch"] == 3
