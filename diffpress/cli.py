@@ -20,6 +20,8 @@ EPILOG = """examples:
   diffpress inspect                                   # the default model, digits-cond-unet
   diffpress sample digits-dit --out dit.png --guidance 4
   diffpress eval digits-cond-unet ./my-compressed-unet --out eval/
+  diffpress export diffpress-out/w8a8-digits-cond-unet --format executorch --out w8a8-pte   # phones: XNNPACK
+  torchrun --standalone --nproc_per_node 2 -m diffpress.cli run w8a8     # calibration shared by 2 processes
 """
 
 
@@ -325,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run RECIPE on a model: calibrate, apply the passes, evaluate against the "
                                    "uncompressed model on the same seeds, export, and write --out atomically: model/ "
                                    "(reloadable with diffpress.load), recipe.yaml (resolved), one folder per export, "
-                                   "report.json, report.md and grid.png. Ctrl-C or an error leaves nothing behind.")
+                                   "report.json, report.md and grid.png. Ctrl-C or an error leaves nothing behind. "
+                                   "Under `torchrun --nproc_per_node N -m diffpress.cli run ...` the processes share "
+                                   "the calibration (trajectories and activation statistics); rank 0 evaluates and "
+                                   "writes, and the result is bit-identical to one process's.")
     p.add_argument("recipe", help="a built-in recipe name (see: diffpress recipes) or a recipe YAML file")
     p.add_argument("--model", default=None,
                    help="zoo name or local model/pipeline folder (default: digits-cond-unet)")

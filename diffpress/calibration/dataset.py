@@ -66,19 +66,26 @@ class CalibrationSet:
         with safe_open(str(self._path), framework="pt") as f:
             return conditions.unflatten({k: f.get_slice(k)[lo:hi] for k in keys}, name)
 
-    def batches(self, batch_size: int = 32) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Yield ``(x, t, cond)`` batches, each from a single trajectory step (so per-timestep statistics stay apart)."""
-        n = len(self)
-        lo = 0
+    def ranges(self, batch_size: int = 32) -> list[tuple[int, int]]:
+        """The ``(start, end)`` rows of each batch :meth:`batches` yields: at most ``batch_size`` rows of one step."""
+        n, lo, out = len(self), 0, []
         while lo < n:
             s = int(self.step[lo])
             end = lo
             while end < n and int(self.step[end]) == s and end - lo < batch_size:
                 end += 1
-            x = self._slice("x", lo, end)
-            cond = self._slice("cond", lo, end) if self._cond_keys else None
-            yield x, self.t[lo:end], cond
+            out.append((lo, end))
             lo = end
+        return out
+
+    def batch(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, conditions.Cond]:
+        """Rows ``lo:hi`` as ``(x, t, cond)`` (read from disk for a lazy set)."""
+        return self._slice("x", lo, hi), self.t[lo:hi], self._slice("cond", lo, hi) if self._cond_keys else None
+
+    def batches(self, batch_size: int = 32) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Yield ``(x, t, cond)`` batches, each from a single trajectory step (so per-timestep statistics stay apart)."""
+        for lo, hi in self.ranges(batch_size):
+            yield self.batch(lo, hi)
 
     def save(self, path: str | Path, force: bool = False) -> Path:
         """Write one safetensors file (tensors + JSON metadata), atomically."""

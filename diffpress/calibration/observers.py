@@ -130,11 +130,11 @@ def observe(
     with hooks(specs), runtime.using(mode="calibrate"), eval_mode(denoiser), torch.no_grad(), \
             tqdm(total=len(calibration), desc="observing activations", disable=not progress or rank > 0,
                  leave=False) as bar:
-        for i, (x, t, cond) in enumerate(calibration.batches(batch_size)):  # streamed: a lazy set stays on disk
+        for i, (lo, hi) in enumerate(calibration.ranges(batch_size)):  # streamed: a lazy set stays on disk
             if i % size == rank:  # under torchrun: this rank's share of the batches
                 gen.manual_seed(seed * 1_000_003 + i)  # per batch: the same draws whichever rank runs it
-                denoiser(x, t, cond)
-            bar.update(len(x))
+                denoiser(*calibration.batch(lo, hi))
+            bar.update(hi - lo)
     return _merged(distributed.gather(stats), max_samples)
 
 
