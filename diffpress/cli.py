@@ -228,7 +228,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     out = args.out if args.out is not None else default_out(recipe.name, args.model)
     _quiet_exporters()
-    from diffpress import distributed
+    import diffpress.distributed as distributed
 
     distributed.init()  # under torchrun: one process group; every rank calibrates, rank 0 writes
     try:

@@ -169,7 +169,7 @@ def collect(
     >>> len(cs), len(cs.timesteps)  # 4 samples x 2 CFG branches x 3 steps
     (24, 3)
     """
-    from diffpress import distributed
+    import diffpress.distributed as distributed
 
     policy = policy or TimestepPolicy()
     if guidance is None:

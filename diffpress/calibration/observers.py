@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffpress import distributed
+import diffpress.distributed as distributed
 from diffpress.calibration.dataset import CalibrationSet
 from diffpress.runtime import hooks
 

@@ -22,9 +22,9 @@ from typing import Any, Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from diffpress import distributed
-from diffpress._io import atomic_dir, check_writable
 import diffpress.conditions as conditions
+import diffpress.distributed as distributed
+from diffpress._io import atomic_dir, check_writable
 from diffpress.calibration import CalibrationSet, collect
 from diffpress.compress import registry
 from diffpress.denoiser import Denoiser
@@ -32,7 +32,13 @@ from diffpress.errors import DiffpressError
 from diffpress.eval import Report, evaluate
 from diffpress.eval.cost import latency_side_by_side
 from diffpress.recipes import run_report
-from diffpress.recipes.schema import CalibrationConfig, EvaluationConfig, Recipe, dump_recipe, load_recipe
+from diffpress.recipes.schema import (
+    CalibrationConfig,
+    EvaluationConfig,
+    Recipe,
+    dump_recipe,
+    load_recipe,
+)
 from diffpress.schedulers import auto_sampler, make_scheduler
 
 
