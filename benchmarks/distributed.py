@@ -2,7 +2,7 @@
 
     python benchmarks/distributed.py [--part speed memory] [--out benchmarks/results/distributed.json]
 
-``speed``: ``diffpress run fast --model digits-cond-unet`` (64 calibration trajectories of 50 DDIM steps, 10
+``speed``: ``diffpress run fast --model digits-cond-unet`` (64 calibration trajectories of 50 DDIM steps in 4 chunks of 16, 10
 steps kept, guidance 3; round-to-nearest W8A8; a 16-sample evaluation, no exports) as one process (torch's
 default threads, then one thread) and under ``torchrun --standalone --nproc_per_node 2`` (one thread per
 process, torchrun's default). Wall time of the whole command and of the calibrate and quantize stages (from
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RUN = ["--no-progress", "--set", "exports=[]", "--set", "evaluation.samples=16",
+RUN = ["--no-progress", "--set", "calibration.batch_size=16", "--set", "exports=[]", "--set", "evaluation.samples=16",
        "--set", "evaluation.metrics=[psnr, ssim]", "--set", "evaluation.latency_repeats=1"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
