@@ -138,3 +138,19 @@ def test_recipe_export_entry_writes_a_verified_pte(tmp_path):
     assert entry["bytes"] >= (tmp_path / "executorch" / "model.pte").stat().st_size > 0
     spec = json.loads((tmp_path / "executorch" / "io_spec.json").read_text())
     assert spec["inputs"][0]["shape"] == [3, 1, 8, 8] and spec["batch"] == 3
+
+
+@needs_et
+def test_4bit_low_rank_model_exports_as_float_arithmetic_with_the_same_numbers(builders, tmp_path):
+    from diffpress.compress import LowRankConfig, lowrank_
+
+    den = Denoiser(builders.digits_dit(), scheduler_config=training_scheduler()).eval()
+    cs = collect(den, num_samples=4, steps=6, policy=TimestepPolicy("uniform", count=3), progress=False)
+    four = dict(weights="int4", group_size=8, activations="int4", act_mode="dynamic", act_group_size=8)
+    q = den.copy()
+    lowrank_(q, LowRankConfig(rank=4, **four), cs, progress=False)
+    quantize_(q, QuantizeConfig(**four, quantize_outputs=False, group_fallback="per_channel"), cs, progress=False)
+    spec = et.export_executorch(q, tmp_path / "et")
+    d = spec["delegation"]["model"]
+    assert d["int8_layers"] == 0 and d["float_layers_delegated"] > 0  # no 4-bit integer kernel: float arithmetic
+    assert spec["verification"]["passed"] and spec["verification"]["rel_rms_diff"] < 1e-3
