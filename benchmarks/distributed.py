@@ -2,8 +2,8 @@
 
     python benchmarks/distributed.py [--part speed memory] [--out benchmarks/results/distributed.json]
 
-``speed``: ``diffpress run fast --model digits-cond-unet`` (64 calibration trajectories of 50 DDIM steps in 4 chunks of 16, 10
-steps kept, guidance 3; round-to-nearest W8A8; a 16-sample evaluation, no exports) as one process (torch's
+``speed``: ``diffpress run fast --model digits-cond-unet`` (64 calibration trajectories of 50 DDIM steps in 4 chunks
+of 16, 10 steps kept, guidance 3; round-to-nearest W8A8; a 16-sample evaluation, no exports) as one process (torch's
 default threads, then one thread) and under ``torchrun --standalone --nproc_per_node 2`` (one thread per
 process, torchrun's default). Wall time of the whole command and of the calibrate and quantize stages (from
 each run's report), and whether the compressed models are bit-identical.

@@ -52,7 +52,8 @@ def main() -> None:
                     "ort_qdq_float": torch.from_numpy(run_onnx(Path(tmp) / "m" / "model.onnx", feeds, optimize=False)),
                     "ort_int8": torch.from_numpy(run_onnx(Path(tmp) / "m" / "model.onnx", feeds, optimize=True))}
             keys = list(outs)
-            rows[seed] = {f"{a}~{b}": round(rel_rms(outs[b], outs[a]), 4) for i, a in enumerate(keys) for b in keys[i + 1:]}
+            rows[seed] = {f"{a}~{b}": round(rel_rms(outs[b], outs[a]), 4)
+                          for i, a in enumerate(keys) for b in keys[i + 1:]}
             print(seed, json.dumps(rows[seed]), flush=True)
     result = {"settings": {"arch": args.arch, "sample_size": args.sample_size, "config": "QuantizeConfig() (W8A8 RTN)",
                            "export_verification": res.verification["checks"], "cpu_flags": cpu_flags(),

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors import safe_open
 
@@ -79,8 +78,9 @@ def test_diffpress_run_under_torchrun_writes_the_single_process_model(tmp_path):
     cli = ["-m", "diffpress.cli", "run", "w8a8", "--model", "digits-dit"]
     one = _run([sys.executable, *cli, "--out", "one", "--calibration", "one.safetensors", *RUN], tmp_path)
     two = _run([*TORCHRUN, *cli, "--out", "two", "--calibration", "two.safetensors", *RUN], tmp_path)
-    assert two.stdout.count("wrote two") == 1  # rank 0 alone reports and writes
-    _same_file(tmp_path / "one" / "model" / "compressed.safetensors", tmp_path / "two" / "model" / "compressed.safetensors")
+    assert one.stdout.count("wrote one") == 1 and two.stdout.count("wrote two") == 1  # rank 0 alone reports
+    model = Path("model") / "compressed.safetensors"
+    _same_file(tmp_path / "one" / model, tmp_path / "two" / model)
     fa, fb = (safe_open(str(tmp_path / f), "pt") for f in ("one.safetensors", "two.safetensors"))
     assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
     reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two")]
