@@ -214,11 +214,9 @@ def collect(
             timesteps.update({s: float(traj.timesteps[s]) for s in picked})
             if parts_dir is None:
                 done[i] = picked
-            else:
-                piece = _join(picked)
-                _check_finite(piece[0], piece[1], piece[2])
-                tensors = {"x": piece[0].contiguous(), "t": piece[1], "step": piece[3], **conditions.flatten(piece[2])}
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(parts_dir / f"chunk{i:06d}.safetensors"))
+            else:  # the chunk as a set of its own (checked finite), on disk
+                chunk = CalibrationSet(*_join({(s, i): v for s, v in picked.items()}))
+                chunk.save(parts_dir / f"chunk{i:06d}.safetensors")
                 done[i] = None
             bar.update(hi - lo)
     done = distributed.gather_pieces(done)
@@ -230,8 +228,7 @@ def collect(
             "sample_shape": list(denoiser.sample_shape), "cond_kind": denoiser.cond_kind,
             "selected_steps": selected, "timesteps": [timesteps[s] for s in selected], **(meta or {})}
     if parts_dir is None:
-        x, t, c, st = _join({(s, i): done[i][s] for s in selected for i in done})
-        return CalibrationSet(x, t, c, st, meta)
+        return CalibrationSet(*_join({(s, i): done[i][s] for s in selected for i in done}), meta)
     try:
         if distributed.is_main():
             files = [parts_dir / f"chunk{i:06d}.safetensors" for i in done]
@@ -244,10 +241,10 @@ def collect(
 
 
 def _join(picked: dict) -> tuple:
-    """``{key: (x, t, cond)}`` (key: a step, or (step, chunk)) -> x, t, cond, step in key order."""
+    """``{(step, chunk): (x, t, cond)}`` -> x, t, cond, step: the arguments of a :class:`CalibrationSet`, in step
+    order, then chunk order."""
     xs, ts, cs, ss = [], [], [], []
-    for key, (x, t, c) in sorted(picked.items()):
-        s = key[0] if isinstance(key, tuple) else key
+    for (s, _), (x, t, c) in sorted(picked.items()):
         xs.append(x)
         ts.append(t.float())
         ss.append(torch.full((len(x),), s, dtype=torch.long))
@@ -256,34 +253,29 @@ def _join(picked: dict) -> tuple:
     return torch.cat(xs), torch.cat(ts), conditions.cat(*cs) if cs else None, torch.cat(ss)
 
 
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-           torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
 def _join_files(files: list[Path], path: Path, meta: dict) -> None:
     """Write the chunks' sets (each ordered by step) as one set ordered by step, then chunk, to ``path``: a
     safetensors file written tensor by tensor, step by step, so that memory holds one slice at a time."""
     handles = [safe_open(str(f), framework="pt") for f in files]
-    steps = [h.get_tensor("step") for h in handles]
-    order = sorted({int(s) for st in steps for s in st.tolist()})
-    rows = {(s, j): ((st == s).nonzero().min().item(), (st == s).nonzero().max().item() + 1)
-            for j, st in enumerate(steps) for s in order if (st == s).any()}
+    rows = {}  # (step, chunk) -> the chunk's rows of that step (contiguous: a chunk's set is in step order)
+    for j, h in enumerate(handles):
+        steps, counts = h.get_tensor("step").unique_consecutive(return_counts=True)
+        for s, n, end in zip(steps.tolist(), counts.tolist(), counts.cumsum(0).tolist()):
+            rows[(s, j)] = (end - n, end)
     header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "meta": json.dumps(meta)}}
     names = list(handles[0].keys())
     offset = 0
     for name in names:
-        shape = [sum(h.get_slice(name).get_shape()[0] for h in handles), *handles[0].get_slice(name).get_shape()[1:]]
-        probe = handles[0].get_slice(name)[0:1]
-        size = probe.element_size() * int(torch.Size(shape).numel())
-        header[name] = {"dtype": _DTYPES[probe.dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        first = handles[0].get_slice(name)
+        shape = [sum(h.get_slice(name).get_shape()[0] for h in handles), *first.get_shape()[1:]]
+        size = first[0:1].element_size() * int(torch.Size(shape).numel())
+        header[name] = {"dtype": first.get_dtype(), "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     with atomic_file(path) as tmp, open(tmp, "wb") as out:
         out.write(struct.pack("<Q", len(blob)) + blob)
         for name in names:
-            for s in order:
-                for j, h in enumerate(handles):
-                    if (s, j) in rows:
-                        lo, hi = rows[(s, j)]
-                        out.write(h.get_slice(name)[lo:hi].contiguous().view(torch.uint8).numpy().tobytes())
+            for s, j in sorted(rows):  # step order, then chunk order
+                lo, hi = rows[(s, j)]
+                out.write(handles[j].get_slice(name)[lo:hi].contiguous().view(torch.uint8).numpy().tobytes())

@@ -306,10 +306,9 @@ class QuantLinear(_QuantWeights, nn.Module):
         return self._dequantized("")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _mode(self.context) == "literal":  # F.linear: what XNNPACK recognises as a (quantized) linear
-            y = _maybe(self.act_out, F.linear(_maybe(self.act_in, x), self.weight()))
-            return y if self.bias is None else y + self.bias
-        y = _maybe(self.act_out, torch.matmul(_maybe(self.act_in, x), self.weight().t()))
+        x, w = _maybe(self.act_in, x), self.weight()
+        # mode literal: F.linear, what XNNPACK recognises as a (quantized) linear
+        y = _maybe(self.act_out, F.linear(x, w) if _mode(self.context) == "literal" else torch.matmul(x, w.t()))
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -163,3 +163,16 @@ def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative RMS difference of ``got`` against ``ref``."""
     got, ref = torch.as_tensor(got).double(), torch.as_tensor(ref).double()
     return float((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp(min=1e-12))
+
+
+def verification(checks: list[dict[str, Any]], rtol: float, what: str, detail: str = "") -> dict[str, Any]:
+    """The ``verification`` entry of one exported graph from its ``checks`` (each with ``rel_rms_diff``) at
+    ``rtol``; a difference over it is an error that names ``what`` (and ``detail``).
+
+    >>> verification([{"rel_rms_diff": 1e-6}], 1e-5, "graph 'model'")["passed"]
+    True
+    """
+    worst = max(c["rel_rms_diff"] for c in checks)
+    if worst > rtol:
+        raise DiffpressError(f"{what} disagrees with PyTorch: rel RMS {worst:.3g} > {rtol}{detail}")
+    return {"rel_rms_diff": worst, "rtol": rtol, "passed": True, "checks": checks}

@@ -52,7 +52,7 @@ class RunResult:
     evaluation: Report
     pass_reports: list[Any]
     report: dict[str, Any]  # what report.json holds
-    calibration: CalibrationSet | None = None  # streamed runs: read lazily from the file (deleted after a resumable run)
+    calibration: CalibrationSet | None = None  # lazy when streamed to a file (a resume file is deleted at the end)
     out: Path | None = None
 
     def __getitem__(self, key: str) -> Any:
@@ -193,7 +193,8 @@ def _export(fmt: str, compressed: Denoiser, folder: Path, cfg) -> dict[str, Any]
         spec = export_torchscript(compressed, folder, batch=cfg.batch)
     return {"format": fmt, "path": f"{folder.name}/model.pt", "bytes": run_report.folder_bytes(folder),
             "verification": spec["verification"],
-            "note": "TorchScript is deprecated upstream (its successor on mobile: {format: executorch}); the traced graph computes what the PyTorch model computes"
+            "note": "TorchScript is deprecated upstream (its successor on mobile: {format: executorch}); the traced "
+                    "graph computes what the PyTorch model computes"
                     + "".join(f" ({n})" for n in registry.simulation_notes(compressed.compression))}
 
 
@@ -298,7 +299,8 @@ def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None 
              *[f"export {e.format}" for e in recipe.exports], *(["ort speed"] if measure_ort else []),
              *(["write"] if out is not None else [])]
     main = distributed.is_main()  # under torchrun: every rank calibrates and compresses, rank 0 does the rest
-    stages = _Stages(names if main else names[: names.index("evaluate")], progress and main)
+    progress = progress and main  # one set of progress bars
+    stages = _Stages(names, progress)
     try:
         result = _run(recipe, model, out, force, progress, cal_path, resume, stages, onnx_cfg, measure_ort)
     except BaseException:
@@ -335,12 +337,12 @@ def _run(recipe: Recipe, model, out, force: bool, progress: bool, cal_path: Path
         if recipe.needs_calibration:
             c = recipe.calibration
             with stages("calibrate", f"{c.samples} trajectories x {c.steps} steps ({cal_sched['class']})"):
-                cs, cal_source = _calibrate(reference, c, cal_sampler, cal_path, progress and main, resume)
+                cs, cal_source = _calibrate(reference, c, cal_sampler, cal_path, progress, resume)
         compressed = reference.copy()
         pass_reports = []
         for i, step in enumerate(recipe.passes):
             with stages(f"pass {i}: {step.name}", step.spec.description):
-                pass_reports.append(step.spec.apply(compressed, step.config, cs, progress and main))
+                pass_reports.append(step.spec.apply(compressed, step.config, cs, progress))
         if not main:  # the other ranks' share is done: rank 0 evaluates, exports and writes
             return None
         eval_sampler, eval_sched = resolve_sampler(reference, ev.sampler)
