@@ -70,6 +70,14 @@ def _require() -> dict[str, Any]:
             "delegation": get_delegation_info, "runtime": Runtime}
 
 
+def require_installed() -> None:
+    """Fail early, without importing it (seconds), when the ExecuTorch extra is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("executorch") is None:
+        raise DiffpressError(f"ExecuTorch export needs the optional extra 'executorch'; install it: {INSTALL}")
+
+
 def available() -> bool:
     """Whether ExecuTorch is installed (the optional extra)."""
     try:

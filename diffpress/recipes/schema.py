@@ -136,9 +136,9 @@ class ExportConfig:
                 raise DiffpressError(f"dynamic_batch: {name} traces a fixed batch; set false or null")
             self.dynamic_batch = False
         if self.format == "executorch":  # before anything is computed: the optional extra must be there
-            from diffpress.exporters.executorch import _require
+            from diffpress.exporters.executorch import require_installed
 
-            _require()
+            require_installed()
 
 
 @dataclass

@@ -103,7 +103,8 @@ def test_recipe_export_entry_and_a_missing_extra(monkeypatch):
         assert ExportConfig(format="executorch").dynamic_batch is False
     with pytest.raises(DiffpressError, match="ExecuTorch has no opset"):
         ExportConfig(format="executorch", opset=21)
-    monkeypatch.setitem(sys.modules, "executorch.exir", None)  # as if the extra were not installed
+    for name in ("executorch", "executorch.exir"):  # as if the extra were not installed
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(DiffpressError, match=r"diffpress\[executorch\]"):
         ExportConfig(format="executorch")
     assert not et.available()
