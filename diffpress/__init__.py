@@ -27,7 +27,7 @@ _LAZY = {
     "calibrate": "diffpress.calibration.dataset:collect", "QuantizeConfig": "diffpress.compress.quantize",
     "ReconstructConfig": "diffpress.compress.reconstruct", "quantize_": "diffpress.compress.quantize",
     "LowRankConfig": "diffpress.compress.lowrank", "lowrank_": "diffpress.compress.lowrank",
-    "apply_lora": "diffpress.compress.lora",
+    "apply_lora": "diffpress.compress.lora", "PruneConfig": "diffpress.compress.prune", "prune_": "diffpress.compress.prune",
     "Denoiser": "diffpress.denoiser", "evaluate": "diffpress.eval.report", "export_onnx": "diffpress.exporters.onnx",
     "export_torchscript": "diffpress.exporters.torchscript", "export_executorch": "diffpress.exporters.executorch",
     "load_executorch": "diffpress.exporters.executorch", "load": "diffpress.loading",
@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from diffpress.calibration.policies import TimestepPolicy
     from diffpress.compress.lora import apply_lora
     from diffpress.compress.lowrank import LowRankConfig, lowrank_
+    from diffpress.compress.prune import PruneConfig, prune_
     from diffpress.compress.quantize import QuantizeConfig, quantize_
     from diffpress.compress.reconstruct import ReconstructConfig
     from diffpress.denoiser import Denoiser
@@ -67,6 +68,7 @@ __all__ = [
     "Denoiser",
     "DiffpressError",
     "LowRankConfig",
+    "PruneConfig",
     "QuantizeConfig",
     "ReconstructConfig",
     "SampleOutput",
@@ -83,6 +85,7 @@ __all__ = [
     "load_executorch",
     "lowrank_",
     "make_scheduler",
+    "prune_",
     "quantize_",
     "run_recipe",
     "sample",

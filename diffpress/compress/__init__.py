@@ -7,9 +7,10 @@ from __future__ import annotations
 from diffpress.compress import registry
 from diffpress.compress.lora import apply_lora
 from diffpress.compress.lowrank import LowRankConfig, LowRankReport, lowrank_
+from diffpress.compress.prune import PruneConfig, PruneReport, prune_
 from diffpress.compress.quantize import QuantizeConfig, QuantizeReport, quantize_
 from diffpress.compress.reconstruct import ReconstructConfig
 from diffpress.compress.registry import PassSpec, register
 
-__all__ = ["LowRankConfig", "LowRankReport", "PassSpec", "QuantizeConfig", "QuantizeReport", "ReconstructConfig", "apply_lora", "lowrank_",
+__all__ = ["LowRankConfig", "LowRankReport", "PassSpec", "PruneConfig", "PruneReport", "prune_", "QuantizeConfig", "QuantizeReport", "ReconstructConfig", "apply_lora", "lowrank_",
            "quantize_", "register", "registry"]

@@ -1,0 +1,529 @@
+"""The ``prune`` pass: remove whole channels, GroupNorm groups and attention heads, found on the captured graph.
+
+Units come from :mod:`diffpress.graph.deps`. Each gets an importance, over the calibration trajectory:
+
+- ``magnitude``: the squared norm of every weight slice the unit removes, each parameter's slices divided by
+  their mean (so layers of different scale compare);
+- ``taylor``: ``sum |w * dL/dw|`` over those slices, the gradients accumulated over every calibration step;
+- ``diff_pruning``: the same, accumulated from the low-noise end of the trajectory until the loss falls below
+  ``threshold`` x its largest value (Diff-Pruning's thresholding of steps that carry little signal).
+
+The loss is the denoising loss at the calibration points: the trajectory's x0 estimates (from the full model's
+prediction at each point) are noised again with fresh noise at the point's timestep and the model is asked for
+the target its ``prediction_type`` names. (The teacher's own output as target gives a loss whose gradient is
+exactly zero at the unpruned model, so it cannot rank anything.)
+
+Units are removed globally in order of importance per MAC saved until ``target`` (fraction of MACs, or of
+parameters) is gone; kept widths stay multiples of ``round_to`` where the unit sizes allow, and no layer keeps
+less than ``min_keep`` of a dimension. The result is an ordinary, smaller module; the record carries the kept
+shapes, so :func:`diffpress.load` rebuilds it. Optional recovery distils the original into it
+(:mod:`diffpress.compress.recover`).
+
+>>> import diffpress
+>>> den = diffpress.load("digits-dit")
+>>> cal = diffpress.calibrate(den, num_samples=4, steps=4, progress=False)
+>>> report = diffpress.prune_(den, PruneConfig(target=0.3, importance="magnitude"), cal, progress=False)
+>>> report.macs_after <= 0.7 * report.macs_before + report.largest_unit_macs
+True
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffpress.calibration.dataset import CalibrationSet
+from diffpress.compress.recover import RecoverConfig, recover
+from diffpress.compress.registry import PassSpec, register
+from diffpress.compress.select import check_roles, select_layers
+from diffpress.denoiser import Denoiser
+from diffpress.errors import DiffpressError, check_allowed
+from diffpress.graph.capture import capture
+from diffpress.graph.deps import Dependencies, Unit, dependencies
+
+IMPORTANCE = ("magnitude", "taylor", "diff_pruning")
+GRANULARITY = ("channels", "heads")
+MEASURES = ("macs", "params")
+
+
+@dataclass
+class PruneConfig:
+    """``target``: fraction of MACs (``measure: macs``) or parameters removed; ``granularity``: what may go
+    (``channels`` also covers GroupNorm groups, ``heads`` attention heads); ``importance``: ``magnitude``,
+    ``taylor`` or ``diff_pruning`` (``threshold``: its loss ratio); ``samples``: calibration points used for the
+    gradients; ``skip_roles`` / ``skip``: layers whose shapes must not change (roles, globs); ``round_to``: kept
+    widths a multiple of this where units allow; ``min_keep``: least fraction of any layer dimension kept;
+    ``recover``: distillation from the original after pruning (``null``: none)."""
+
+    target: float = 0.3
+    measure: str = "macs"
+    granularity: list[str] = field(default_factory=lambda: ["channels", "heads"])
+    importance: str = "diff_pruning"
+    threshold: float = 0.05
+    samples: int = 256
+    batch_size: int = 16
+    skip_roles: list[str] = field(default_factory=lambda: ["time_embedding", "cond_projection"])
+    skip: list[str] = field(default_factory=list)
+    round_to: int = 8
+    min_keep: float = 0.1
+    seed: int = 0
+    recover: RecoverConfig | dict | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.target) < 1.0:
+            raise DiffpressError(f"target: {self.target} is not a fraction between 0 and 1 (exclusive)")
+        check_allowed("measure", self.measure, MEASURES)
+        check_allowed("importance", self.importance, IMPORTANCE)
+        for g in self.granularity:
+            check_allowed("granularity", g, GRANULARITY)
+        if not self.granularity:
+            raise DiffpressError(f"granularity: empty; choose from {', '.join(GRANULARITY)}")
+        check_roles("skip_roles", self.skip_roles)
+        if int(self.round_to) < 1 or not 0.0 <= float(self.min_keep) < 1.0:
+            raise DiffpressError("round_to must be >= 1 and min_keep a fraction in [0, 1)")
+        if isinstance(self.recover, dict):
+            self.recover = RecoverConfig(**self.recover)
+
+
+@dataclass
+class PruneReport:
+    """Before / after figures, the kept width of every changed layer, and the recovery's log."""
+
+    macs_before: float
+    macs_after: float
+    params_before: int
+    params_after: int
+    units_removed: dict[str, int]
+    units_available: dict[str, int]
+    largest_unit_macs: float
+    layers: list[dict[str, Any]]
+    importance: str
+    importance_steps: int = 0
+    seconds: float = 0.0
+    recovery: dict[str, Any] | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        removed = ", ".join(f"{v} {k}" for k, v in self.units_removed.items() if v)
+        line = (f"prune ({self.importance}): MACs {self.macs_before / 1e6:.1f}M -> {self.macs_after / 1e6:.1f}M "
+                f"(-{1 - self.macs_after / self.macs_before:.1%}), params {self.params_before / 1e6:.3f}M -> "
+                f"{self.params_after / 1e6:.3f}M; removed {removed or 'nothing'}")
+        if self.recovery:
+            r = self.recovery
+            line += (f"; recovery {r['steps']} steps in {r['seconds']:.0f} s, held-out MSE {r['initial']:.4g} -> "
+                     f"{r['best']:.4g}")
+        return line
+
+
+# -- importance ------------------------------------------------------------------------------------------
+
+
+def _noised(den: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_t, target)`` for the denoising loss at timesteps ``t`` under the model's prediction type."""
+    kind = den.prediction_type
+    cfg = den.scheduler_config or {}
+    n = int(cfg.get("num_train_timesteps", 1000))
+    if kind == "flow":
+        s = (t.float() / n).view(-1, 1, 1, 1)
+        return (1 - s) * x0 + s * noise, noise - x0
+    from diffusers import DDPMScheduler
+
+    keys = {k: v for k, v in cfg.items() if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                                   "trained_betas")}
+    ac = DDPMScheduler(**keys).alphas_cumprod
+    a = ac[t.long().clamp(0, n - 1)].view(-1, 1, 1, 1).to(x0)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    if kind == "v_prediction":
+        return xt, a.sqrt() * noise - (1 - a).sqrt() * x0
+    if kind == "sample":
+        return xt, x0
+    return xt, noise
+
+
+def _x0(den: Denoiser, x: torch.Tensor, t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """The x0 estimate at a trajectory point from the full model's prediction."""
+    kind = den.prediction_type
+    cfg = den.scheduler_config or {}
+    n = int(cfg.get("num_train_timesteps", 1000))
+    if kind == "flow":
+        s = (t.float() / n).view(-1, 1, 1, 1)
+        return x - s * pred
+    if kind == "sample":
+        return pred
+    from diffusers import DDPMScheduler
+
+    keys = {k: v for k, v in cfg.items() if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                                   "trained_betas")}
+    a = DDPMScheduler(**keys).alphas_cumprod[t.long().clamp(0, n - 1)].view(-1, 1, 1, 1).to(x)
+    if kind == "v_prediction":
+        return a.sqrt() * x - (1 - a).sqrt() * pred
+    return (x - (1 - a).sqrt() * pred) / a.sqrt()
+
+
+def _points(calibration: CalibrationSet, samples: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    n = len(calibration)
+    return sorted(torch.randperm(n, generator=g)[:min(samples, n)].tolist())
+
+
+def _gradients(den: Denoiser, calibration: CalibrationSet, config: PruneConfig, progress: bool) \
+        -> tuple[dict[str, torch.Tensor], int]:
+    """Accumulated ``dL/dw`` of every parameter over calibration points (low noise first), and the steps used."""
+    idx = _points(calibration, config.samples, config.seed)
+    by_t: dict[float, list[int]] = {}
+    for i in idx:
+        by_t.setdefault(float(calibration.t[i]), []).append(i)
+    order = sorted(by_t)  # low noise first
+    params = dict(den.named_parameters())
+    grads = {k: torch.zeros_like(p) for k, p in params.items()}
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    loss_max, used = 0.0, 0
+    was = den.training
+    den.eval()
+    bar = tqdm(order, desc="prune: importance", disable=not progress, leave=False)
+    try:
+        for tv in bar:
+            rows = by_t[tv]
+            total = 0.0
+            for lo in range(0, len(rows), config.batch_size):
+                part = rows[lo:lo + config.batch_size]
+                x, t, cond = _rows(calibration, part)
+                with torch.no_grad():
+                    x0 = _x0(den, x, t, den(x, t, cond))
+                noise = torch.randn(x0.shape, generator=gen)
+                xt, target = _noised(den, x0, t, noise)
+                den.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.mse_loss(den(xt, t, cond), target, reduction="sum") / len(rows)
+                loss.backward()
+                total += float(loss)
+                for k, p in params.items():
+                    if p.grad is not None:
+                        grads[k] += p.grad
+            used += 1
+            loss_max = max(loss_max, total)
+            if config.importance == "diff_pruning" and total < config.threshold * loss_max:
+                break
+    finally:
+        den.zero_grad(set_to_none=True)
+        den.train(was)
+    return grads, used
+
+
+def _rows(calibration: CalibrationSet, rows: list[int]):
+    from diffpress import conditions
+
+    parts = [calibration.batch(i, i + 1) for i in rows]
+    x = torch.cat([p[0] for p in parts])
+    t = torch.cat([p[1] for p in parts])
+    cond = conditions.cat([p[2] for p in parts]) if parts[0][2] is not None else None
+    return x, t, cond
+
+
+def _class_scores(deps: Dependencies, den: Denoiser, grads: dict[str, torch.Tensor] | None) -> np.ndarray:
+    """Importance of every label class: per parameter slice, normalised by the parameter's mean slice score."""
+    scores = np.zeros(len(deps.cls))
+    params = dict(den.named_parameters())
+    for name, dims in deps.params.items():
+        p = params.get(name)
+        if p is None or p.dim() == 0:
+            continue
+        w = p.detach().double()
+        per = (w * grads[name].double()).abs() if grads is not None else w * w
+        for d, arr in enumerate(dims):
+            other = [i for i in range(w.dim()) if i != d]
+            s = per.sum(dim=other).numpy() if other else per.numpy()
+            mean = s.mean()
+            if mean > 0:
+                np.add.at(scores, arr, s / mean)
+    return scores
+
+
+# -- selection -------------------------------------------------------------------------------------------
+
+
+def _bundles(units: list[Unit], scores: np.ndarray, round_to: int) -> list[list[Unit]]:
+    """Units of one space grouped, least important first, so that a whole bundle keeps widths multiples of
+    ``round_to`` (when the space's width and unit size allow)."""
+    spaces: dict[tuple, list[Unit]] = {}
+    for u in units:
+        spaces.setdefault(u.space, []).append(u)
+    out = []
+    for members in spaces.values():
+        members.sort(key=lambda u: scores[u.classes].sum())
+        size = members[0].size
+        step = math.lcm(size, round_to) // size if size else 1
+        if len(members) * size % round_to or step > len(members) // 2:
+            step = 1
+        out += [members[i:i + step] for i in range(0, len(members) - len(members) % step, step)]
+    return out
+
+
+def _select(deps: Dependencies, units: list[Unit], scores: np.ndarray, config: PruneConfig) -> np.ndarray:
+    """Greedy global removal by importance per MAC (or parameter) until the target is met; bool class mask."""
+    bundles = _bundles(units, scores, config.round_to)
+    params_of = {name: [len(d) for d in dims] for name, dims in deps.params.items()}
+    if config.measure == "params":
+        def unit_params(u: Unit) -> float:
+            return float(sum(math.prod(n for j, n in enumerate(params_of[p]) if j != d) * len(ix)
+                             for p, dd in u.params.items() for d, ix in dd.items()))
+
+        cost = [sum(unit_params(u) for u in b) for b in bundles]
+        before = float(deps.kept_params(np.zeros(len(deps.cls), dtype=bool)))
+    else:
+        cost = [float(sum(u.macs for u in b)) for b in bundles]
+        before = deps.kept_macs(np.zeros(len(deps.cls), dtype=bool))
+    value = [float(sum(scores[u.classes].sum() for u in b)) for b in bundles]
+    order = sorted(range(len(bundles)), key=lambda i: value[i] / max(cost[i], 1e-9))
+    removed = np.zeros(len(deps.cls), dtype=bool)
+    gone: dict[tuple[str, int], np.ndarray] = {}
+    goal = config.target * before
+    estimate = 0.0
+    i = 0
+    while i < len(order):
+        b = bundles[order[i]]
+        i += 1
+        ok = True
+        staged: dict[tuple[str, int], np.ndarray] = {}
+        for u in b:
+            for p, dd in u.params.items():
+                for d, ix in dd.items():
+                    key = (p, d)
+                    mask = staged.get(key, gone.get(key, np.zeros(params_of[p][d], dtype=bool))).copy()
+                    mask[ix] = True
+                    if (~mask).sum() < max(1, math.ceil(config.min_keep * params_of[p][d])):
+                        ok = False
+                    staged[key] = mask
+        if not ok:
+            continue
+        gone.update(staged)
+        for u in b:
+            removed[u.classes] = True
+        estimate += cost[order[i - 1]]
+        if estimate >= goal:
+            after = deps.kept_params(removed) if config.measure == "params" else deps.kept_macs(removed)
+            saved = before - after
+            if saved >= goal:
+                break
+            estimate = saved
+    return removed
+
+
+# -- rewrite ---------------------------------------------------------------------------------------------
+
+
+def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = root.get_submodule(mod_name) if mod_name else root
+    old = getattr(mod, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(mod, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        mod.register_buffer(attr, value, persistent=attr not in getattr(mod, "_non_persistent_buffers_set", set()))
+
+
+def _builtin_attrs(module: nn.Module) -> dict[str, Any]:
+    """Attributes of torch.nn layers that follow their parameters' shapes."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        w = module.weight
+        cin, cout = (w.shape[0], w.shape[1] * module.groups) if module.transposed else \
+            (w.shape[1] * module.groups, w.shape[0])
+        return {"in_channels": int(cin), "out_channels": int(cout)}
+    if isinstance(module, nn.Linear):
+        return {"in_features": int(module.weight.shape[1]), "out_features": int(module.weight.shape[0])}
+    if isinstance(module, nn.GroupNorm) and module.weight is not None:
+        size = module.num_channels // module.num_groups
+        return {"num_channels": int(module.weight.shape[0]), "num_groups": int(module.weight.shape[0]) // size}
+    if isinstance(module, nn.Embedding):
+        return {"embedding_dim": int(module.weight.shape[1]), "num_embeddings": int(module.weight.shape[0])}
+    return {}
+
+
+def _size_changes(deps: Dependencies, removed: np.ndarray) -> dict[str, dict[str, dict[int, set[int]]]]:
+    """Per module, old -> new widths from three sources, in the order they are trusted: the literal sizes of its
+    own reshapes that shrink (``literal``), the tensors entering it (``in``, unchanged ones too: an attribute
+    that holds an input width the pruning kept must stay) and those leaving it (``out``)."""
+    gm = deps.graph.gm
+    labels = deps.labels
+    stacks = {n.name: [v[0] for v in (n.meta.get("nn_module_stack") or {}).values()] for n in gm.graph.nodes}
+    out: dict[str, dict[str, dict[int, set[int]]]] = {}
+
+    def note(module: str, kind: str, dims, changed_only: bool) -> None:
+        for arr in dims:
+            new = int((~removed[arr]).sum())
+            if new != len(arr) or not changed_only:
+                out.setdefault(module, {}).setdefault(kind, {}).setdefault(len(arr), set()).add(new)
+
+    for n in gm.graph.nodes:
+        lab = labels.get(n.name)
+        if not isinstance(lab, list) or n.op == "get_attr":  # parameters are not a module's inputs
+            continue
+        mine = stacks.get(n.name, [])
+        if mine and n.op == "call_function" and hasattr(n.target, "overloadpacket") and \
+                n.target.overloadpacket.__name__ in ("view", "reshape", "_unsafe_view", "expand"):
+            note(mine[-1], "literal", lab, True)
+        for user in n.users:
+            theirs = stacks.get(user.name, [])
+            for m in theirs:
+                if m not in mine:  # the tensor enters module m
+                    note(m, "in", lab, False)
+            for m in mine:
+                if m not in theirs:  # the tensor leaves module m
+                    note(m, "out", lab, True)
+    return out
+
+
+def _fix_attrs(den: Denoiser, deps: Dependencies, removed: np.ndarray, unsure: list[str]) -> dict[str, dict[str, int]]:
+    """Update integer attributes that hold a width the pruning changed; returns them by module (``unsure``
+    collects attributes whose width shrinks differently in different places: left alone)."""
+    changes: dict[str, dict[str, int]] = {}
+    for name, module in den.named_modules():
+        for k, v in _builtin_attrs(module).items():
+            if getattr(module, k) != v:
+                setattr(module, k, v)
+                changes.setdefault(name, {})[k] = v
+    for name, sources in _size_changes(deps, removed).items():
+        module = den.get_submodule(name) if name else den
+        if _builtin_attrs(module) or isinstance(module, Denoiser) or not any(
+                old not in new for m in sources.values() for old, new in m.items()):
+            continue
+        for k, v in list(vars(module).items()):
+            if isinstance(v, bool) or not isinstance(v, int):
+                continue
+            for kind in ("literal", "in", "out"):
+                new = sources.get(kind, {}).get(v)
+                if new is None:
+                    continue
+                if len(new) > 1:  # ambiguous: left as it is; the check against the masked model decides
+                    unsure.append(f"{name}.{k}")
+                    break
+                value = next(iter(new))
+                if value != v:
+                    setattr(module, k, value)
+                    changes.setdefault(name, {})[k] = value
+                break
+    return changes
+
+
+def apply_removal(den: Denoiser, deps: Dependencies, removed: np.ndarray) -> dict[str, Any]:
+    """Slice every parameter that carries a removed class and fix the module attributes; returns the record
+    parts (``shapes``, ``attrs``)."""
+    masks = deps.masks(removed)
+    state = dict(den.named_parameters()) | dict(den.named_buffers())
+    shapes = {}
+    for name, keep in masks.items():
+        w = state[name].detach()
+        for d, k in enumerate(keep):
+            w = w.index_select(d, torch.from_numpy(np.flatnonzero(k)))
+        _set_param(den, name, w.clone().contiguous())
+        shapes[name] = list(w.shape)
+    unsure: list[str] = []
+    attrs = _fix_attrs(den, deps, removed, unsure)
+    return {"shapes": shapes, "attrs": attrs, "unsure": unsure}
+
+
+def masked_copy(den: Denoiser, deps: Dependencies, removed: np.ndarray) -> Denoiser:
+    """A copy of ``den`` with the removed slices set to zero (what the pruned model must equal)."""
+    twin = den.copy()
+    state = dict(twin.named_parameters()) | dict(twin.named_buffers())
+    with torch.no_grad():
+        for name, keep in deps.masks(removed).items():
+            w = state[name]
+            for d, k in enumerate(keep):
+                idx = torch.from_numpy(np.flatnonzero(~k))
+                if len(idx):
+                    w.index_fill_(d, idx, 0.0)
+    return twin
+
+
+def _protected(den: Denoiser, graph, config: PruneConfig) -> tuple[set[str], list[dict[str, str]]]:
+    sel = select_layers(den, graph, skip_roles=config.skip_roles, skip=config.skip,
+                        types=(nn.Linear, nn.Conv2d, nn.Conv1d, nn.ConvTranspose2d),
+                        ops=("linear", "conv2d", "conv1d", "conv_transpose2d"))
+    keep = [s for s in sel.skipped if s["rule"] in ("role", "glob")]
+    return {s["name"] for s in keep}, keep
+
+
+def prune_(den: Denoiser, config: PruneConfig | None = None, calibration: CalibrationSet | None = None,
+           progress: bool = True) -> PruneReport:
+    """Prune ``den`` in place (see the module docstring); returns a :class:`PruneReport`.
+
+    >>> import diffpress
+    >>> den = diffpress.load("digits-cond-unet")
+    >>> r = diffpress.prune_(den, PruneConfig(target=0.3, importance="magnitude"), progress=False)
+    >>> 0.25 < 1 - r.macs_after / r.macs_before < 0.4
+    True
+    """
+    import time
+
+    config = config or PruneConfig()
+    start = time.perf_counter()
+    if config.importance != "magnitude" and calibration is None:
+        raise DiffpressError(f"importance {config.importance!r} needs calibration data (the trajectory's points); "
+                             "pass a CalibrationSet or use importance: magnitude")
+    teacher = den.copy() if config.recover is not None else None
+    graph = capture(den, batch=2)
+    deps = dependencies(graph)
+    protected, skipped = _protected(den, graph, config)
+    kinds = {"channels": ("channels", "groups"), "heads": ("heads",)}
+    allowed = {k for g in config.granularity for k in kinds[g]}
+    units = [u for u in deps.units if u.kind in allowed and
+             not any(p.rpartition(".")[0] in protected for p in u.params)]
+    if not units:
+        raise DiffpressError("prune: no removable channel, group or head in this model with these settings "
+                             f"(granularity {config.granularity}, skip_roles {config.skip_roles}, skip {config.skip})")
+    grads, used = (None, 0)
+    if config.importance != "magnitude":
+        grads, used = _gradients(den, calibration, config, progress)
+    scores = _class_scores(deps, den, grads)
+    removed = _select(deps, units, scores, config)
+    zero = np.zeros(len(deps.cls), dtype=bool)
+    macs_before, params_before = deps.kept_macs(zero), sum(p.numel() for p in den.parameters())
+    parts = apply_removal(den, deps, removed)
+    counts = {k: 0 for k in ("channels", "groups", "heads")}
+    for u in units:
+        if removed[u.classes].all():
+            counts[u.kind] += 1
+    layers = [{"name": n, "shape": s} for n, s in parts["shapes"].items()]
+    record = {"pass": "prune", "config": _config_record(config), **parts}
+    den.compression.append(record)
+    report = PruneReport(macs_before, deps.kept_macs(removed), params_before, sum(p.numel() for p in den.parameters()),
+                         counts, {k: sum(u.kind == k for u in units) for k in counts},
+                         max(u.macs for u in units), layers, config.importance, used, skipped=skipped)
+    if teacher is not None:
+        report.recovery = recover(den, teacher, calibration, config.recover, progress=progress)
+    report.seconds = time.perf_counter() - start
+    record["report"] = {"macs_before": report.macs_before, "macs_after": report.macs_after,
+                        "params_before": report.params_before, "params_after": report.params_after,
+                        "units_removed": counts, "recovery": report.recovery}
+    return report
+
+
+def _config_record(config: PruneConfig) -> dict[str, Any]:
+    data = asdict(config)
+    return data
+
+
+def restore_prune(den: Denoiser, record: dict[str, Any]) -> None:
+    """Give a freshly built architecture the pruned shapes (values come from the saved state) and widths."""
+    for name, shape in record["shapes"].items():
+        _set_param(den, name, torch.zeros(shape))
+    for name, attrs in record["attrs"].items():
+        module = den.get_submodule(name) if name else den
+        for k, v in attrs.items():
+            setattr(module, k, v)
+    den.compression.append(record)
+
+
+register(PassSpec(
+    "prune", PruneConfig, lambda den, config, calibration, progress: prune_(den, config, calibration,
+                                                                           progress=progress),
+    restore_prune, once=True,
+    needs_calibration=lambda config: config.importance != "magnitude" or config.recover is not None,
+    description="structural pruning: channels, GroupNorm groups and attention heads removed by importance per MAC, "
+                "groups found on the captured graph",
+))
