@@ -82,6 +82,15 @@ class CalibrationSet:
         """Rows ``lo:hi`` as ``(x, t, cond)`` (read from disk for a lazy set)."""
         return self._slice("x", lo, hi), self.t[lo:hi], self._slice("cond", lo, hi) if self._cond_keys else None
 
+    def rows(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor, conditions.Cond]:
+        """Any rows, in the order given, as ``(x, t, cond)`` (training on shuffled points)."""
+        if self.x is not None:
+            idx = torch.as_tensor(index, dtype=torch.long)
+            return self.x[idx], self.t[idx], conditions.take(self.cond, idx)
+        parts = [self.batch(i, i + 1) for i in index]
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                conditions.cat(*(p[2] for p in parts)))
+
     def batches(self, batch_size: int = 32) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Yield ``(x, t, cond)`` batches, each from a single trajectory step (so per-timestep statistics stay apart)."""
         for lo, hi in self.ranges(batch_size):

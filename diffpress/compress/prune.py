@@ -47,6 +47,7 @@ from diffpress.graph.capture import capture
 from diffpress.graph.deps import Dependencies, Unit, dependencies
 
 IMPORTANCE = ("magnitude", "taylor", "diff_pruning")
+_RESHAPES = ("view", "reshape", "_unsafe_view", "expand", "unflatten", "flatten")  # ops with literal sizes
 GRANULARITY = ("channels", "heads")
 MEASURES = ("macs", "params")
 
@@ -192,7 +193,7 @@ def _gradients(den: Denoiser, calibration: CalibrationSet, config: PruneConfig, 
             total = 0.0
             for lo in range(0, len(rows), config.batch_size):
                 part = rows[lo:lo + config.batch_size]
-                x, t, cond = _rows(calibration, part)
+                x, t, cond = calibration.rows(part)
                 with torch.no_grad():
                     x0 = _x0(den, x, t, den(x, t, cond))
                 noise = torch.randn(x0.shape, generator=gen)
@@ -212,16 +213,6 @@ def _gradients(den: Denoiser, calibration: CalibrationSet, config: PruneConfig, 
         den.zero_grad(set_to_none=True)
         den.train(was)
     return grads, used
-
-
-def _rows(calibration: CalibrationSet, rows: list[int]):
-    from diffpress import conditions
-
-    parts = [calibration.batch(i, i + 1) for i in rows]
-    x = torch.cat([p[0] for p in parts])
-    t = torch.cat([p[1] for p in parts])
-    cond = conditions.cat([p[2] for p in parts]) if parts[0][2] is not None else None
-    return x, t, cond
 
 
 def _class_scores(deps: Dependencies, den: Denoiser, grads: dict[str, torch.Tensor] | None) -> np.ndarray:
@@ -330,6 +321,10 @@ def _builtin_attrs(module: nn.Module) -> dict[str, Any]:
     """Attributes of torch.nn layers that follow their parameters' shapes."""
     if isinstance(module, nn.modules.conv._ConvNd):
         w = module.weight
+        if module.groups > 1 and not module.transposed and w.shape[1] == 1 and module.groups == module.in_channels:
+            return {"in_channels": int(w.shape[0]) // (module.out_channels // module.in_channels),
+                    "out_channels": int(w.shape[0]), "groups": int(w.shape[0]) // (module.out_channels //
+                                                                                  module.in_channels)}
         cin, cout = (w.shape[0], w.shape[1] * module.groups) if module.transposed else \
             (w.shape[1] * module.groups, w.shape[0])
         return {"in_channels": int(cin), "out_channels": int(cout)}
@@ -354,6 +349,8 @@ def _size_changes(deps: Dependencies, removed: np.ndarray) -> dict[str, dict[str
 
     def note(module: str, kind: str, dims, changed_only: bool) -> None:
         for arr in dims:
+            if deps.pinned[arr].all():  # a width no pruning can change (spatial sizes, the batch)
+                continue
             new = int((~removed[arr]).sum())
             if new != len(arr) or not changed_only:
                 out.setdefault(module, {}).setdefault(kind, {}).setdefault(len(arr), set()).add(new)
@@ -364,7 +361,7 @@ def _size_changes(deps: Dependencies, removed: np.ndarray) -> dict[str, dict[str
             continue
         mine = stacks.get(n.name, [])
         if mine and n.op == "call_function" and hasattr(n.target, "overloadpacket") and \
-                n.target.overloadpacket.__name__ in ("view", "reshape", "_unsafe_view", "expand"):
+                n.target.overloadpacket.__name__ in _RESHAPES:
             note(mine[-1], "literal", lab, True)
         for user in n.users:
             theirs = stacks.get(user.name, [])
@@ -440,6 +437,66 @@ def masked_copy(den: Denoiser, deps: Dependencies, removed: np.ndarray) -> Denoi
     return twin
 
 
+def _failing_module(small: Denoiser, reference: Denoiser, example: tuple) -> str | None:
+    """None when the pruned model runs and equals the masked one; else the innermost module that failed
+    (``""``: it ran but the numbers differ)."""
+    from diffpress.graph.capture import _module_trail
+
+    with torch.no_grad():
+        want = reference(*example)
+        with _module_trail(small) as trail:
+            try:
+                got = small(*example)
+            except Exception:  # noqa: BLE001 - any failure names the module that raised it
+                return trail[-1] if trail else ""
+    err = float((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-12))
+    return None if err < 1e-4 else ""
+
+
+def _module_classes(deps: Dependencies, module: str) -> np.ndarray:
+    """Label classes of the reshapes a module runs itself, or of every tensor inside it when it runs none."""
+    own, inside = [], []
+    for n in deps.graph.gm.graph.nodes:
+        stack = [v[0] for v in (n.meta.get("nn_module_stack") or {}).values()]
+        lab = deps.labels.get(n.name)
+        if module not in stack or not isinstance(lab, list) or not lab:
+            continue
+        inside += lab
+        if stack[-1] == module and hasattr(n.target, "overloadpacket") and \
+                n.target.overloadpacket.__name__ in _RESHAPES:
+            own += lab + [a for arg in n.all_input_nodes for a in deps.labels.get(arg.name, [])]
+    chosen = own or inside
+    return np.unique(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def _select_runnable(den: Denoiser, deps: Dependencies, units: list[Unit], scores: np.ndarray, config: PruneConfig,
+                     skipped: list[dict[str, str]]) -> tuple[np.ndarray, list[Unit]]:
+    """Select, then check on a copy that the smaller model runs and equals the masked original. Model code may
+    size a tensor from another tensor's width (which the graph records as a literal); a module that fails
+    keeps the widths of its own reshapes (or all of its widths), and the selection runs again."""
+    example = den.example_inputs(2)
+    for _ in range(12):
+        removed = _select(deps, units, scores, config)
+        small = den.copy()
+        apply_removal(small, deps, removed)
+        failed = _failing_module(small, masked_copy(den, deps, removed), example)
+        if failed is None:
+            return removed, units
+        if not failed:
+            raise DiffpressError("prune: the smaller model runs but does not equal the original with the same "
+                                 "channels set to zero; protect the layers involved (skip: [...]) and report "
+                                 "this model")
+        bad = _module_classes(deps, failed)
+        keep = [u for u in units if not np.isin(u.classes, bad).any()]
+        if len(keep) == len(units):
+            raise DiffpressError(f"prune: module {failed!r} fails after pruning and no unit can be held back to "
+                                 f"fix it; protect it (skip: ['{failed}*'])")
+        skipped.append({"name": failed, "reason": "its code sizes tensors from widths the graph records as "
+                        f"literals: {len(units) - len(keep)} units through it kept", "rule": "pass"})
+        units = keep
+    raise DiffpressError("prune: the pruned model kept failing; protect the modules named in the report")
+
+
 def _protected(den: Denoiser, graph, config: PruneConfig) -> tuple[set[str], list[dict[str, str]]]:
     sel = select_layers(den, graph, skip_roles=config.skip_roles, skip=config.skip,
                         types=(nn.Linear, nn.Conv2d, nn.Conv1d, nn.ConvTranspose2d),
@@ -480,7 +537,7 @@ def prune_(den: Denoiser, config: PruneConfig | None = None, calibration: Calibr
     if config.importance != "magnitude":
         grads, used = _gradients(den, calibration, config, progress)
     scores = _class_scores(deps, den, grads)
-    removed = _select(deps, units, scores, config)
+    removed, units = _select_runnable(den, deps, units, scores, config, skipped)
     zero = np.zeros(len(deps.cls), dtype=bool)
     macs_before, params_before = deps.kept_macs(zero), sum(p.numel() for p in den.parameters())
     parts = apply_removal(den, deps, removed)

@@ -67,8 +67,6 @@ def recover(student, teacher, calibration, config: RecoverConfig | None = None, 
     """Distil ``teacher`` into ``student`` in place; returns the log (``steps``, ``seconds``, held-out MSE
     ``initial`` / ``best``, ``history``). ``checkpoints`` (seconds): the best state so far at each is kept in
     ``log["states"]`` (for measuring what shorter budgets buy in one run)."""
-    from diffpress import conditions
-
     config = config or RecoverConfig()
     if calibration is None or len(calibration) < 2:
         raise DiffpressError("recover: needs calibration points (at least 2) to distil on")
@@ -78,18 +76,13 @@ def recover(student, teacher, calibration, config: RecoverConfig | None = None, 
     n_hold = max(1, int(round(config.holdout * n)))
     hold, train = sorted(perm[:n_hold]), perm[n_hold:] or perm[:1]
 
-    def rows(idx):
-        parts = [calibration.batch(i, i + 1) for i in idx]
-        cond = conditions.cat([p[2] for p in parts]) if parts[0][2] is not None else None
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), cond
-
     t_store: dict[str, torch.Tensor] = {}
     s_store: dict[str, torch.Tensor] = {}
     handles = _feature_hooks(teacher, config.features, t_store) + _feature_hooks(student, config.features, s_store)
     teacher.eval()
     try:
         with torch.no_grad():
-            hx, ht, hc = rows(hold)
+            hx, ht, hc = calibration.rows(hold)
             h_target = teacher(hx, ht, hc)
 
         def heldout() -> float:
@@ -120,7 +113,7 @@ def recover(student, teacher, calibration, config: RecoverConfig | None = None, 
             if len(order) < config.batch_size:
                 order += torch.randperm(len(train), generator=g).tolist()
             batch, order = [train[i] for i in order[:config.batch_size]], order[config.batch_size:]
-            x, t, c = rows(batch)
+            x, t, c = calibration.rows(batch)
             with torch.no_grad():
                 target = teacher(x, t, c)
             student.train()
