@@ -136,7 +136,7 @@ def recover(student, teacher, calibration, config: RecoverConfig | None = None, 
                 if value < best:
                     best, best_state = value, copy.deepcopy(student.state_dict())
             bar.n = min(int(time.perf_counter() - start), int(config.time_budget))
-            bar.set_postfix(loss=f"{float(loss):.4g}", best=f"{best:.4g}")
+            bar.set_postfix(loss=f"{loss.item():.4g}", best=f"{best:.4g}")
         bar.close()
         value = heldout()
         history.append((time.perf_counter() - start, step, value))

@@ -196,7 +196,9 @@ class _Builder:
             elif node.op == "get_attr":
                 t = _attr(gm, node.target)
                 if isinstance(t, torch.Tensor):
-                    self.labels[node.name] = self.params[node.target] = self.fresh_for(tuple(t.shape))
+                    # a parameter the graph never reads (a module used outside the denoiser's forward) stays whole
+                    self.labels[node.name] = self.params[node.target] = self.fresh_for(tuple(t.shape),
+                                                                                       pin=not node.users)
             elif node.op == "output":
                 for arg in node.all_input_nodes:
                     self.pin_all(self.labels.get(arg.name))
@@ -256,6 +258,8 @@ class _Builder:
             self.reshape(node, op, x, shape)
         elif op == "cat":
             self.cat(node, shape)
+        elif op == "stack":
+            self.stack(node, shape)
         elif op in ("slice", "narrow"):
             self.slice(node, op, x, shape)
         elif op in ("select", "index_select"):
@@ -562,6 +566,19 @@ class _Builder:
                 out.append(labs[0][d])
         self.labels[node.name] = out
 
+    def stack(self, node: fx.Node, shape) -> None:
+        labs = [self.of(t) for t in node.args[0]]
+        dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
+        if any(lab is None for lab in labs):
+            self.unknown_op(node)
+            return
+        for lab in labs[1:]:
+            for a, b in zip(labs[0], lab):
+                self.lab.unite(a, b)
+        out = list(labs[0])
+        out.insert(dim, self.fresh_for((shape[dim],), pin=True)[0])
+        self.labels[node.name] = out
+
     def slice(self, node: fx.Node, op: str, x, shape) -> None:
         a = node.args
         dim = (a[1] if len(a) > 1 else 0) % len(x)
@@ -647,7 +664,7 @@ class Dependencies:
                 if len(d):
                     frac *= 1.0 - removed[d].mean()
             total += macs * frac
-        return total
+        return float(total)
 
     def kept_params(self, removed: np.ndarray) -> int:
         total = 0
