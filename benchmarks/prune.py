@@ -38,7 +38,7 @@ from diffpress.exporters.cpu import cpu_flags
 from diffpress.graph import capture
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ptq import measure, setup  # noqa: E402  (benchmarks/ptq.py, beside this script)
+from ptq import measure, setup
 
 CHECKPOINTS = (120.0, 300.0)
 

@@ -2,16 +2,21 @@
 the same slices set to zero; real-size architectures are checked on the meta device (shapes only)."""
 import copy
 
+import families  # tests/families.py
 import numpy as np
 import pytest
 import torch
 
 import diffpress
-from diffpress.compress.prune import _failing_module, _module_classes, apply_removal, masked_copy
+from diffpress.compress.prune import (
+    _failing_module,
+    _module_classes,
+    apply_removal,
+    masked_copy,
+)
 from diffpress.graph import capture
 from diffpress.graph.deps import dependencies
 from diffpress.zoo.architectures import ARCHITECTURES, build
-import families  # tests/families.py
 
 
 def _selections(deps, rng, singles_per_kind=3):
@@ -106,6 +111,6 @@ def test_units_cover_heads_with_their_output_projection():
     deps = dependencies(capture(den, batch=2))
     head = next(u for u in deps.units if u.kind == "heads")
     names = sorted(head.params)
-    assert [n.rsplit(".", 2)[-2] for n in names if n.endswith("weight")] == ["0", "to_k", "to_q", "to_v"]
+    assert sorted(n.rsplit(".", 2)[-2] for n in names if n.endswith("weight")) == ["0", "to_k", "to_q", "to_v"]
     assert head.params[next(n for n in names if ".to_out.0.weight" in n)].keys() == {1}  # columns of to_out
     assert all(len(ix) == 16 for dd in head.params.values() for ix in dd.values())  # one head of 16 channels
