@@ -91,7 +91,8 @@ def with_recovery(rows: dict, key: str, student, teacher, cal, budget: float, ct
         if when > budget:
             continue
         student.load_state_dict(log["states"][when] if when < budget else final)
-        rows[f"{key}+recover{int(when)}s"] = {**ctx["measure"](student), "recovery_steps": log["steps"]}
+        steps = max([k for sec, k, _ in log["history"] if sec <= when] or [0]) if when < budget else log["steps"]
+        rows[f"{key}+recover{int(when)}s"] = {**ctx["measure"](student), "recovery_steps": steps}
         print(key, when, json.dumps(rows[f"{key}+recover{int(when)}s"]), flush=True)
         ctx["save"]()
 

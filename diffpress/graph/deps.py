@@ -708,18 +708,16 @@ def dependencies(graph: Graph) -> Dependencies:
     return deps
 
 
-def _closure(deps: Dependencies, seeds: np.ndarray) -> np.ndarray:
+def _closure(deps: Dependencies, seeds: np.ndarray, stop_at_pin: bool = False) -> np.ndarray:
     removed = np.zeros(len(deps.cls), dtype=bool)
     removed[seeds] = True
     touched = _touching(deps)
     todo = set()
     for s in seeds:
         todo.update(touched.get(int(s), ()))
-    active: set[int] = set()
-    while todo:
-        active |= todo
+    while todo:  # a relation changes only when one of its classes does: revisit just those
         changed = set()
-        for r in sorted(active):
+        for r in sorted(todo):
             atoms, factors, _ = deps._rel[r]
             gone = removed[atoms]
             row_gone = removed[factors].any(axis=1)
@@ -741,6 +739,8 @@ def _closure(deps: Dependencies, seeds: np.ndarray) -> np.ndarray:
             if add:
                 removed[list(add)] = True
                 changed |= add
+                if stop_at_pin and deps.pinned[list(add)].any():
+                    return removed  # reaches a pinned label: not removable, no need to close further
         todo = set()
         for c in changed:
             todo.update(touched.get(c, ()))
@@ -785,7 +785,7 @@ def _units(deps: Dependencies, head_classes: set[int]) -> list[Unit]:
         if c not in touched:  # a plain channel: nothing else to close over
             removed_idx = np.array([c])
         else:
-            mask = _closure(deps, np.array([c]))
+            mask = _closure(deps, np.array([c]), stop_at_pin=True)
             if (mask & deps.pinned).any():
                 continue
             removed_idx = np.flatnonzero(mask)

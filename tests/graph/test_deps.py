@@ -82,8 +82,7 @@ def test_removing_units_equals_masking_them(name):
         _check_groupnorms(small)
 
 
-# pixart-alpha is left out of the suite for time (83 s on 2 cores); it passes the same check by hand
-@pytest.mark.parametrize("name", sorted(set(ARCHITECTURES) - {"pixart-alpha"}))
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_real_size_architectures_run_after_removal(name):
     model = build(name, sample_size=8, device="meta")
     den = diffpress.Denoiser(model, cond_shape=(77, model.config.cross_attention_dim) if name == "sd15-unet" else None)
