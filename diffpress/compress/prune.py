@@ -93,7 +93,7 @@ class PruneConfig:
 
 @dataclass
 class PruneReport:
-    """Before / after figures, the kept width of every changed layer, and the recovery's log."""
+    """Before / after figures (MACs per sample), the kept width of every changed layer, and the recovery's log."""
 
     macs_before: float
     macs_after: float
@@ -124,44 +124,40 @@ class PruneReport:
 # -- importance ------------------------------------------------------------------------------------------
 
 
-def _noised(den: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_t, target)`` for the denoising loss at timesteps ``t`` under the model's prediction type."""
-    kind = den.prediction_type
+def _schedule(den: Denoiser) -> tuple[int, torch.Tensor | None]:
+    """``(num_train_timesteps, alphas_cumprod)`` of the model's training schedule (``None`` for flow models)."""
     cfg = den.scheduler_config or {}
     n = int(cfg.get("num_train_timesteps", 1000))
-    if kind == "flow":
-        s = (t.float() / n).view(-1, 1, 1, 1)
-        return (1 - s) * x0 + s * noise, noise - x0
+    if den.prediction_type == "flow":
+        return n, None
     from diffusers import DDPMScheduler
 
-    keys = {k: v for k, v in cfg.items() if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
-                                                   "trained_betas")}
-    ac = DDPMScheduler(**keys).alphas_cumprod
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    return n, DDPMScheduler(**{k: v for k, v in cfg.items() if k in keys}).alphas_cumprod
+
+
+def _noised(den: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_t, target)`` for the denoising loss at timesteps ``t`` under the model's prediction type."""
+    n, ac = _schedule(den)
+    if ac is None:  # rectified flow: x_t = (1 - s) x0 + s noise, velocity noise - x0
+        s = (t.float() / n).view(-1, 1, 1, 1)
+        return (1 - s) * x0 + s * noise, noise - x0
     a = ac[t.long().clamp(0, n - 1)].view(-1, 1, 1, 1).to(x0)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    if kind == "v_prediction":
+    if den.prediction_type == "v_prediction":
         return xt, a.sqrt() * noise - (1 - a).sqrt() * x0
-    if kind == "sample":
-        return xt, x0
-    return xt, noise
+    return xt, (x0 if den.prediction_type == "sample" else noise)
 
 
 def _x0(den: Denoiser, x: torch.Tensor, t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     """The x0 estimate at a trajectory point from the full model's prediction."""
-    kind = den.prediction_type
-    cfg = den.scheduler_config or {}
-    n = int(cfg.get("num_train_timesteps", 1000))
-    if kind == "flow":
-        s = (t.float() / n).view(-1, 1, 1, 1)
-        return x - s * pred
-    if kind == "sample":
+    n, ac = _schedule(den)
+    if ac is None:
+        return x - (t.float() / n).view(-1, 1, 1, 1) * pred
+    if den.prediction_type == "sample":
         return pred
-    from diffusers import DDPMScheduler
-
-    keys = {k: v for k, v in cfg.items() if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
-                                                   "trained_betas")}
-    a = DDPMScheduler(**keys).alphas_cumprod[t.long().clamp(0, n - 1)].view(-1, 1, 1, 1).to(x)
-    if kind == "v_prediction":
+    a = ac[t.long().clamp(0, n - 1)].view(-1, 1, 1, 1).to(x)
+    if den.prediction_type == "v_prediction":
         return a.sqrt() * x - (1 - a).sqrt() * pred
     return (x - (1 - a).sqrt() * pred) / a.sqrt()
 
@@ -539,7 +535,8 @@ def prune_(den: Denoiser, config: PruneConfig | None = None, calibration: Calibr
     scores = _class_scores(deps, den, grads)
     removed, units = _select_runnable(den, deps, units, scores, config, skipped)
     zero = np.zeros(len(deps.cls), dtype=bool)
-    macs_before, params_before = deps.kept_macs(zero), sum(p.numel() for p in den.parameters())
+    per = graph.batch  # MACs are reported per sample
+    macs_before, params_before = deps.kept_macs(zero) / per, sum(p.numel() for p in den.parameters())
     parts = apply_removal(den, deps, removed)
     counts = {k: 0 for k in ("channels", "groups", "heads")}
     for u in units:
@@ -548,9 +545,10 @@ def prune_(den: Denoiser, config: PruneConfig | None = None, calibration: Calibr
     layers = [{"name": n, "shape": s} for n, s in parts["shapes"].items()]
     record = {"pass": "prune", "config": _config_record(config), **parts}
     den.compression.append(record)
-    report = PruneReport(macs_before, deps.kept_macs(removed), params_before, sum(p.numel() for p in den.parameters()),
-                         counts, {k: sum(u.kind == k for u in units) for k in counts},
-                         max(u.macs for u in units), layers, config.importance, used, skipped=skipped)
+    report = PruneReport(macs_before, deps.kept_macs(removed) / per, params_before,
+                         sum(p.numel() for p in den.parameters()), counts,
+                         {k: sum(u.kind == k for u in units) for k in counts},
+                         max(u.macs for u in units) / per, layers, config.importance, used, skipped=skipped)
     if teacher is not None:
         report.recovery = recover(den, teacher, calibration, config.recover, progress=progress)
     report.seconds = time.perf_counter() - start

@@ -23,7 +23,7 @@ def test_target_is_met_within_one_bundle(dit_cal):
         r = prune_(small, PruneConfig(target=target, importance="magnitude"), progress=False)
         cut = 1 - r.macs_after / r.macs_before
         assert target <= cut <= target + 8 * r.largest_unit_macs / r.macs_before, (target, cut)
-        assert diffpress.graph.capture(small, batch=2).macs == pytest.approx(r.macs_after, rel=1e-6)
+        assert diffpress.graph.capture(small, batch=1).macs == pytest.approx(r.macs_after, rel=1e-6)
         assert r.params_after < r.params_before
         heads = {m.heads for m in small.modules() if type(m).__name__ == "Attention"}
         assert min(heads) >= 1
