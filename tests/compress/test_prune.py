@@ -81,3 +81,14 @@ def test_config_errors_and_recipes():
     assert [p.name for p in r.passes] == ["prune", "quantize"]
     assert r.passes[0].config.recover.time_budget == 300
     assert load_recipe("prune30").passes[0].config.target == 0.3
+
+
+def test_granularity_and_protected_layers(dit_cal):
+    den, _ = dit_cal
+    heads_only = den.copy()
+    r = prune_(heads_only, PruneConfig(target=0.1, importance="magnitude", granularity=["heads"]), progress=False)
+    assert r.units_removed["heads"] > 0 and r.units_removed["channels"] == r.units_removed["groups"] == 0
+    kept = den.copy()
+    r = prune_(kept, PruneConfig(target=0.2, importance="magnitude", skip=["*attn1*"]), progress=False)
+    assert not any("attn1" in layer["name"] for layer in r.layers) and r.layers
+    assert any(s["reason"].startswith("matches skip pattern") for s in r.skipped)
