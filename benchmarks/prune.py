@@ -4,6 +4,7 @@
                                [--peer] [--out benchmarks/results/prune_digits-cond-unet.json]
     python benchmarks/prune.py --onnx [--archs sd15-unet dit-xl-2] [--target 0.4] [--repeats 10]
                                [--out benchmarks/results/prune_onnx.json]
+    python benchmarks/prune.py --table
 
 Digits (50-step DDIM, guidance 3, seeds 0.., ``--samples`` images, labels 0..9 repeated; calibration: 64
 trajectories from seeds 1000.. of the full model): for each MAC target, diffpress ``prune`` with each importance
@@ -191,6 +192,33 @@ def onnx(args) -> None:
         del den, small, sessions
 
 
+def table(folder: Path) -> None:
+    """Markdown tables from the JSON files this script wrote."""
+    print("| model | row | MACs (M) | params (M) | PSNR dB | SSIM | acc | FD |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in sorted(folder.glob("prune*_digits-*.json")):
+        data = json.loads(path.read_text())
+        for model, rows in data["models"].items():
+            for key, r in rows.items():
+                if key == "full" and not path.name.startswith("prune_"):
+                    continue
+                if "error" in r:
+                    print(f"| {model} | {key} | error: {r['error'][:80]} |||||||")
+                    continue
+                print(f"| {model} | {key} | {r['macs'] / 1e6:.2f} | {r['params'] / 1e6:.3f} | "
+                      f"{r.get('psnr_db', float('nan')):.2f} | {r.get('ssim', float('nan')):.3f} | "
+                      f"{r['cond_accuracy']:.3f} | {r['fd_real']:.1f} |")
+    path = folder / "prune_onnx.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        print("\n| architecture | row | ms | vs fp32 | MB | MACs (G) | verified (rel. RMS) |")
+        print("|---|---|---|---|---|---|---|")
+        for arch, a in data["architectures"].items():
+            for key, r in a["rows"].items():
+                print(f"| {arch} | {key} | {r['ms']:.0f} | {r['speedup_vs_fp32']:.2f}x | {r['bytes'] / 1e6:.0f} | "
+                      f"{r['macs'] / 1e9:.2f} | {r['verification']['rel_rms_diff']:.3g} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="digits-cond-unet")
@@ -205,7 +233,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rtol", type=float, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--table", action="store_true", help="print markdown tables from benchmarks/results")
     args = parser.parse_args()
+    if args.table:
+        return table(Path("benchmarks/results"))
     if args.out is None:
         args.out = Path("benchmarks/results") / ("prune_onnx.json" if args.onnx else f"prune_{args.model}.json")
     onnx(args) if args.onnx else digits(args)

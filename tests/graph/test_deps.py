@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import diffpress
+from diffpress import zoo
 from diffpress.compress.prune import (
     _failing_module,
     _module_classes,
@@ -60,7 +61,7 @@ def _tiny(name):
     return diffpress.load(name)
 
 
-@pytest.mark.parametrize("name", [*families.FAMILIES, "digits-cond-unet", "digits-dit"])
+@pytest.mark.parametrize("name", [*families.FAMILIES, *zoo.DENOISERS])
 def test_removing_units_equals_masking_them(name):
     den = _tiny(name)
     deps = dependencies(capture(den, batch=2))
