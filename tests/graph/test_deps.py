@@ -16,6 +16,7 @@ from diffpress.compress.prune import (
     masked_copy,
 )
 from diffpress.graph import capture
+from diffpress.graph.capture import _module_trail
 from diffpress.graph.deps import dependencies
 from diffpress.zoo.architectures import ARCHITECTURES, build
 
@@ -97,10 +98,11 @@ def test_real_size_architectures_run_after_removal(name):
     for units in _selections(deps, rng, singles_per_kind=1):
         small = copy.deepcopy(den)
         apply_removal(small, deps, _mask(deps, units))
-        with torch.no_grad():
+        with torch.no_grad(), _module_trail(small) as trail:
             try:
                 out = small(*ex)
-            except Exception:  # noqa: BLE001 - allowed only where the pass's check would hold the unit back
+            except Exception:  # noqa: BLE001 - allowed only where the pass's check holds the unit back
+                assert trail and any(np.isin(u.classes, _module_classes(deps, trail[-1])).any() for u in units)
                 continue
         assert out.shape == ex[0].shape or out.shape[1] == 2 * ex[0].shape[1]
         _check_groupnorms(small)
