@@ -242,9 +242,11 @@ def _bundles(units: list[Unit], scores: np.ndarray, round_to: int) -> list[list[
     out = []
     for members in spaces.values():
         members.sort(key=lambda u: scores[u.classes].sum())
-        size = members[0].size
-        step = math.lcm(size, round_to) // size if size else 1
-        if len(members) * size % round_to or step > len(members) // 2:
+        # units of one space take the same number of indices from each dimension they touch: bundle enough of
+        # them that every one of those dimensions shrinks by a multiple of round_to
+        counts = [len(ix) for dd in members[0].params.values() for ix in dd.values()]
+        step = math.lcm(*(round_to // math.gcd(c, round_to) for c in counts)) if counts else 1
+        if step > len(members) // 2:
             step = 1
         out += [members[i:i + step] for i in range(0, len(members) - len(members) % step, step)]
     return out
