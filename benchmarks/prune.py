@@ -225,7 +225,7 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", type=float, default=[0.3, 0.5])
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--budget", type=float, default=600.0, help="recovery seconds (measured at 120, 300 too)")
-    parser.add_argument("--peer", action="store_true", help="also Torch-Pruning (pip install torch-pruning)")
+    parser.add_argument("--peer", action="store_true", help='also Torch-Pruning (pip install ".[peers]")')
     parser.add_argument("--onnx", action="store_true", help="ONNX Runtime latency on real-size architectures")
     parser.add_argument("--archs", nargs="+", default=["sd15-unet", "dit-xl-2"])
     parser.add_argument("--target", type=float, default=0.4)
