@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -190,6 +191,7 @@ def onnx(args) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
         del den, small, sessions
+    shutil.rmtree(work, ignore_errors=True)  # gigabytes of ONNX files
 
 
 def table(folder: Path) -> None:
