@@ -336,13 +336,22 @@ def _builtin_attrs(module: nn.Module) -> dict[str, Any]:
     return {}
 
 
+def _stack(node) -> list[str]:
+    """Qualified names of the modules running when ``node`` was recorded, outermost first."""
+    return [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def _is_reshape(node) -> bool:
+    return hasattr(node.target, "overloadpacket") and node.target.overloadpacket.__name__ in _RESHAPES
+
+
 def _size_changes(deps: Dependencies, removed: np.ndarray) -> dict[str, dict[str, dict[int, set[int]]]]:
     """Per module, old -> new widths from three sources, in the order they are trusted: the literal sizes of its
     own reshapes that shrink (``literal``), the tensors entering it (``in``, unchanged ones too: an attribute
     that holds an input width the pruning kept must stay) and those leaving it (``out``)."""
     gm = deps.graph.gm
     labels = deps.labels
-    stacks = {n.name: [v[0] for v in (n.meta.get("nn_module_stack") or {}).values()] for n in gm.graph.nodes}
+    stacks = {n.name: _stack(n) for n in gm.graph.nodes}
     out: dict[str, dict[str, dict[int, set[int]]]] = {}
 
     def note(module: str, kind: str, dims, changed_only: bool) -> None:
@@ -358,8 +367,7 @@ def _size_changes(deps: Dependencies, removed: np.ndarray) -> dict[str, dict[str
         if not isinstance(lab, list) or n.op == "get_attr":  # parameters are not a module's inputs
             continue
         mine = stacks.get(n.name, [])
-        if mine and n.op == "call_function" and hasattr(n.target, "overloadpacket") and \
-                n.target.overloadpacket.__name__ in _RESHAPES:
+        if mine and n.op == "call_function" and _is_reshape(n):
             note(mine[-1], "literal", lab, True)
         for user in n.users:
             theirs = stacks.get(user.name, [])
@@ -455,13 +463,12 @@ def _module_classes(deps: Dependencies, module: str) -> np.ndarray:
     """Label classes of the reshapes a module runs itself, or of every tensor inside it when it runs none."""
     own, inside = [], []
     for n in deps.graph.gm.graph.nodes:
-        stack = [v[0] for v in (n.meta.get("nn_module_stack") or {}).values()]
+        stack = _stack(n)
         lab = deps.labels.get(n.name)
         if module not in stack or not isinstance(lab, list) or not lab:
             continue
         inside += lab + [a for arg in n.all_input_nodes if arg.op != "get_attr" for a in deps.labels.get(arg.name, [])]
-        if stack[-1] == module and hasattr(n.target, "overloadpacket") and \
-                n.target.overloadpacket.__name__ in _RESHAPES:
+        if stack[-1] == module and _is_reshape(n):
             own += lab + [a for arg in n.all_input_nodes for a in deps.labels.get(arg.name, [])]
     chosen = own or inside
     return np.unique(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
@@ -545,7 +552,7 @@ def prune_(den: Denoiser, config: PruneConfig | None = None, calibration: Calibr
         if removed[u.classes].all():
             counts[u.kind] += 1
     layers = [{"name": n, "shape": s} for n, s in parts["shapes"].items()]
-    record = {"pass": "prune", "config": _config_record(config), **parts}
+    record = {"pass": "prune", "config": asdict(config), **parts}
     den.compression.append(record)
     report = PruneReport(macs_before, deps.kept_macs(removed) / per, params_before,
                          sum(p.numel() for p in den.parameters()), counts,
@@ -558,11 +565,6 @@ def prune_(den: Denoiser, config: PruneConfig | None = None, calibration: Calibr
                         "params_before": report.params_before, "params_after": report.params_after,
                         "units_removed": counts, "recovery": report.recovery}
     return report
-
-
-def _config_record(config: PruneConfig) -> dict[str, Any]:
-    data = asdict(config)
-    return data
 
 
 def restore_prune(den: Denoiser, record: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ _IGNORED = {"_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_constr
             "_assert_async", "sym_numel", "sym_stride", "sym_storage_offset"}
 _UPSAMPLE = {"upsample_nearest2d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_nearest1d",
              "upsample_linear1d", "_upsample_nearest_exact2d", "avg_pool2d", "max_pool2d", "adaptive_avg_pool2d",
-             "avg_pool1d", "max_pool1d", "adaptive_avg_pool1d", "pixel_shuffle", "pixel_unshuffle"}
+             "avg_pool1d", "max_pool1d", "adaptive_avg_pool1d"}
 
 
 class Labels:
@@ -234,9 +234,6 @@ class Builder:
             out = list(x[:2]) + self.fresh_for(shape[2:], pin=True)  # (N, C, spatial): channels pass through
             for d in x[2:]:
                 self.lab.pin(d)
-            if op in ("pixel_shuffle", "pixel_unshuffle"):
-                self.unknown_op(node)
-                return
             self.labels[node.name] = out
         elif op in ("constant_pad_nd", "pad", "reflection_pad2d", "replicate_pad2d"):
             pads = list(a[1])
@@ -284,12 +281,8 @@ class Builder:
         w = self.of(a[1])
         b = self.of(a[2]) if len(a) > 2 else None
         transposed = op.startswith("conv_transpose") or (op == "convolution" and a[6])
-        if op == "convolution":
-            groups = a[8]
-        elif transposed:
-            groups = a[6] if len(a) > 6 else 1
-        else:
-            groups = a[6] if len(a) > 6 else 1
+        # aten.convolution carries groups at 8; conv2d / conv1d / conv_transpose2d at 6
+        groups = a[8] if op == "convolution" else (a[6] if len(a) > 6 else 1)
         cin, cout = (w[0], w[1]) if transposed else (w[1], w[0])
         out = [x[0], cout] + self.fresh_for(shape[2:], pin=True)
         for d in x[2:]:
