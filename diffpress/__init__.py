@@ -27,6 +27,7 @@ _LAZY = {
     "calibrate": "diffpress.calibration.dataset:collect", "QuantizeConfig": "diffpress.compress.quantize",
     "ReconstructConfig": "diffpress.compress.reconstruct", "quantize_": "diffpress.compress.quantize",
     "LowRankConfig": "diffpress.compress.lowrank", "lowrank_": "diffpress.compress.lowrank",
+    "CacheConfig": "diffpress.compress.cache", "cache_": "diffpress.compress.cache",
     "apply_lora": "diffpress.compress.lora", "PruneConfig": "diffpress.compress.prune", "prune_": "diffpress.compress.prune",
     "Denoiser": "diffpress.denoiser", "evaluate": "diffpress.eval.report", "export_onnx": "diffpress.exporters.onnx",
     "export_torchscript": "diffpress.exporters.torchscript", "export_executorch": "diffpress.exporters.executorch",
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from diffpress.calibration.dataset import CalibrationSet
     from diffpress.calibration.dataset import collect as calibrate
     from diffpress.calibration.policies import TimestepPolicy
+    from diffpress.compress.cache import CacheConfig, cache_
     from diffpress.compress.lora import apply_lora
     from diffpress.compress.lowrank import LowRankConfig, lowrank_
     from diffpress.compress.prune import PruneConfig, prune_
@@ -56,7 +58,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
 
 # diffpress.zoo etc. work without importing them first, as before the face was lazy
 __getattr__ = lazy_getattr(__name__, _LAZY, submodules=(
-    "calibration", "compress", "distributed", "eval", "exporters", "graph", "recipes", "runtime", "zoo"))
+    "calibration", "compress", "deploy", "distributed", "eval", "exporters", "graph", "recipes", "runtime", "zoo"))
 
 
 def __dir__() -> list[str]:
@@ -64,6 +66,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "CacheConfig",
     "CalibrationSet",
     "Denoiser",
     "DiffpressError",
@@ -76,6 +79,7 @@ __all__ = [
     "Trajectory",
     "__version__",
     "apply_lora",
+    "cache_",
     "calibrate",
     "evaluate",
     "export_executorch",

@@ -5,6 +5,7 @@ Importing this package registers the built-in passes, so :func:`diffpress.load` 
 from __future__ import annotations
 
 from diffpress.compress import registry
+from diffpress.compress.cache import CacheConfig, CacheReport, cache_
 from diffpress.compress.lora import apply_lora
 from diffpress.compress.lowrank import LowRankConfig, LowRankReport, lowrank_
 from diffpress.compress.prune import PruneConfig, PruneReport, prune_
@@ -12,5 +13,5 @@ from diffpress.compress.quantize import QuantizeConfig, QuantizeReport, quantize
 from diffpress.compress.reconstruct import ReconstructConfig
 from diffpress.compress.registry import PassSpec, register
 
-__all__ = ["LowRankConfig", "LowRankReport", "PassSpec", "PruneConfig", "PruneReport", "prune_", "QuantizeConfig", "QuantizeReport", "ReconstructConfig", "apply_lora", "lowrank_",
+__all__ = ["CacheConfig", "CacheReport", "cache_", "LowRankConfig", "LowRankReport", "PassSpec", "PruneConfig", "PruneReport", "prune_", "QuantizeConfig", "QuantizeReport", "ReconstructConfig", "apply_lora", "lowrank_",
            "quantize_", "register", "registry"]
