@@ -32,12 +32,13 @@ cached model sees while sampling with the schedule (CacheQuant's observation; ``
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -217,6 +218,17 @@ class CacheState:
                 f"with steps={len(self.table)}, or rerun the cache pass with steps={ctx.steps}")
         self._tick()
         return "compute" if self.table[ctx.step, unit] else "reuse"
+
+    @contextlib.contextmanager
+    def fixed(self, pattern: tuple[bool, ...], feed: dict[str, torch.Tensor] | None = None) -> Iterator[dict]:
+        """One call with a fixed recompute row (export): reused values come from ``feed``, computed ones are
+        collected in the yielded dict; nothing is stored."""
+        saved = self.pattern, self.feed, self.emitted, self._calls
+        self.pattern, self.feed, self.emitted, self._calls = pattern, feed or {}, {}, {}
+        try:
+            yield self.emitted
+        finally:
+            self.pattern, self.feed, self.emitted, self._calls = saved
 
     def key(self, name: str) -> str:
         k = self._calls.get(name, 0)
@@ -660,53 +672,38 @@ class _StepGraph(nn.Module):
         super().__init__()
         from diffpress.exporters.plan import DenoiserGraph
 
-        self.graph = DenoiserGraph(denoiser)
-        self.denoiser = denoiser
+        self.call = DenoiserGraph(denoiser)
         self.pattern, self.cache_in, self.cache_out = pattern, cache_in, cache_out
         self.n_cond = len(denoiser.cond_names)
 
     def forward(self, sample, timestep, *rest):
-        st = self.denoiser.cache_state
+        st = self.call.denoiser.cache_state
         cond, cached = rest[: self.n_cond], rest[self.n_cond:]
         feed = dict(zip(self.cache_in, cached))
         for key, like in self.fill.items():  # values this pattern never reads: any tensor of the right shape
             feed.setdefault(key, like.expand(sample.shape[0], *like.shape[1:]))
-        saved = st.pattern, st.feed, st.emitted
-        st.pattern, st.feed, st.emitted = self.pattern, feed, {}
-        try:
-            out = self.graph(sample, timestep, *cond)
-            emitted = st.emitted
-        finally:
-            st.pattern, st.feed, st.emitted = saved
+        with st.fixed(self.pattern, feed) as emitted:
+            out = self.call(sample, timestep, *cond)
         return (out, *[emitted[k] for k in self.cache_out]) if self.cache_out else out
 
     fill: dict[str, torch.Tensor] = {}
 
 
-def _slots(denoiser: Denoiser, example: tuple, pattern: tuple[bool, ...]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _slots(denoiser: Denoiser, example: tuple, pattern: tuple[bool, ...],
+           needed: set[str]) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
     """Run one full step on ``example`` (every cache value keyed), then ``pattern`` with those values as leaf
-    tensors: which keys its output and emitted values depend on (autograd), and what it emits."""
+    tensors: the keys that its prediction and its emitted values in ``needed`` depend on (autograd), and the
+    keys it emits."""
     st = denoiser.cache_state
     full = _StepGraph(denoiser, (True,) * len(st.modules), [], [])
     with denoiser.runtime.using(mode="plain"):
-        st.pattern, st.emitted, st.feed = full.pattern, {}, {}
-        try:
-            with torch.no_grad():
-                full.graph(*example)
-            values = dict(st.emitted)
-        finally:
-            st.pattern, st.emitted, st.feed = None, None, None
+        with torch.no_grad(), st.fixed(full.pattern) as values:
+            full.call(*example)
         leaves = {k: v.detach().clone().requires_grad_(True) for k, v in values.items()}
-        step = _StepGraph(denoiser, pattern, list(leaves), [])
-        st.pattern, st.emitted, st.feed = pattern, {}, dict(leaves)
-        try:
-            with torch.enable_grad():
-                out = step.graph(*example)
-                emitted = dict(st.emitted)
-                total = out.float().sum() + sum(v.float().sum() for v in emitted.values())
-                grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
-        finally:
-            st.pattern, st.emitted, st.feed = None, None, None
+        with torch.enable_grad(), st.fixed(pattern, dict(leaves)) as emitted:
+            out = full.call(*example)
+            total = out.float().sum() + sum(v.float().sum() for k, v in emitted.items() if k in needed)
+            grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
     used = [k for k, g in zip(leaves, grads) if g is not None]
     return values, used, list(emitted)
 
@@ -724,10 +721,16 @@ def _export_plan(plan, denoiser: Denoiser, record: dict[str, Any]) -> None:
     reads: dict[tuple, list[str]] = {}
     emits: dict[tuple, list[str]] = {}
     full = (True,) * len(schedule.units)
-    values = {}
-    for p in [full, *patterns]:
-        values, reads[p], emits[p] = _slots(denoiser, example, p)
-    needed = sorted({k for p in patterns for k in reads[p]}, key=list(values).index)
+    values: dict[str, torch.Tensor] = {}
+    needed: set[str] = set()
+    while True:  # what a pattern reads may be what another emits for a third: iterate to the fixed point
+        for p in [full, *patterns]:
+            values, reads[p], emits[p] = _slots(denoiser, example, p, needed)
+        grown = needed | {k for p in patterns for k in reads[p]}
+        if grown == needed:
+            break
+        needed = grown
+    needed = sorted(needed, key=list(values).index)
     names = {k: "cache." + k.replace("#", ".") for k in needed}
     likes = {k: v[:1].detach() for k, v in values.items()}
     graphs: list[tuple[str, tuple]] = [("model", full)] + [(f"cached_{i}", p) for i, p in enumerate(patterns)]

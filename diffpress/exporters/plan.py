@@ -26,6 +26,7 @@ import diffpress.conditions as conditions
 from diffpress.compress import registry
 from diffpress.denoiser import Denoiser
 from diffpress.errors import DiffpressError
+from diffpress.schedulers import auto_sampler
 
 SPEC_FORMAT = "diffpress.io_spec/1"
 TIMESTEP_NOTE = ("float32 (batch,): the scheduler's timestep value (0 .. num_train_timesteps-1; sigma * 1000 for "
@@ -116,6 +117,12 @@ def build_plan(denoiser: Denoiser, sample_shape: tuple[int, int, int] | None = N
     for spec, record in registry.specs(records):
         if spec.export_plan is not None:
             spec.export_plan(plan, denoiser, record)
+    if denoiser.conditioner is not None:  # labels -> the states the model reads, so an artifact runs from labels
+        plan.add_graph(GraphSpec(
+            "conditioner", denoiser.conditioner, ["class_labels"], list(denoiser.cond_names),
+            lambda batch, seed: (torch.randint(0, denoiser.num_classes, (batch,),
+                                               generator=torch.Generator().manual_seed(seed)),),
+            "class labels (the null label for guidance) -> the conditioning the model graphs read"))
     return plan
 
 
@@ -142,6 +149,7 @@ def write_io_spec(folder: Path, plan: ExportPlan, *, runtime: str, graphs: list[
         "prediction_type": den.prediction_type,
         "null_label": den.null_label,
         "scheduler": den.scheduler_config,
+        "auto_sampler": auto_sampler(den),
         "passes": [r["pass"] for r in den.compression],
         "simulated_in_pytorch": plan.simulated,
         **(extra or {}),
