@@ -137,11 +137,21 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     check_writable(args.out, args.force)
     labels = _parse_labels(args.labels)  # bad flags and paths fail before torch is imported
-    resolve_source(args.model)
+    exported = (Path(args.model) / "io_spec.json").is_file()
+    if not exported:
+        resolve_source(args.model)
     from diffpress.eval.grid import save_grid
     from diffpress.sampling import sample
 
-    den = load(args.model)
+    if exported:  # an ONNX export folder: the network runs in ONNX Runtime (diffpress.deploy)
+        from diffpress.deploy import OrtDenoiser
+
+        den = OrtDenoiser(args.model, threads=args.threads)
+        if args.conditions is not None:
+            raise DiffpressError("--conditions needs a PyTorch model; for an export folder pass the states from Python: "
+                                 "diffpress.deploy.sample(folder, cond=...)")
+    else:
+        den = load(args.model)
     kw: dict = {}
     if den.cond_kind != "none" and args.conditions is not None:
         if labels is not None:
@@ -382,9 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("sample", help="generate samples into a PNG grid",
-                       description="Sample MODEL with a diffusers scheduler and write a PNG grid.")
+    p = sub.add_parser("sample", help="generate samples into a PNG grid (PyTorch, or an ONNX export in ONNX Runtime)",
+                       description="Sample MODEL with a diffusers scheduler and write a PNG grid. MODEL may be an ONNX "
+                                   "export folder (diffpress export --format onnx, or a run's onnx/ folder): the whole "
+                                   "loop then runs the exported graphs in ONNX Runtime, cached steps included "
+                                   "(diffpress.deploy), with the same seeds and scheduler as PyTorch.")
     _add_model(p)
+    p.add_argument("--threads", type=_count, default=0,
+                   help="ONNX Runtime threads for an export folder (default: 0, its own choice)")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--num", type=_positive, default=20, help="number of samples (default: 20)")
     p.add_argument("--labels", default=None, help="comma-separated class labels, e.g. 3,3,7 (default: 0..9 repeated)")

@@ -148,6 +148,7 @@ def write_io_spec(folder: Path, plan: ExportPlan, *, runtime: str, graphs: list[
         "timestep": TIMESTEP_NOTE,
         "prediction_type": den.prediction_type,
         "null_label": den.null_label,
+        "num_classes": den.num_classes,
         "scheduler": den.scheduler_config,
         "auto_sampler": auto_sampler(den),
         "passes": [r["pass"] for r in den.compression],

@@ -128,7 +128,7 @@ def headline_lines(data: dict[str, Any]) -> list[tuple[str, str]]:
         sp = data["speed"]
         threads = sp["threads"] if isinstance(sp["threads"], str) else f"{sp['threads']} thread" + "s" * (sp["threads"] > 1)
         lines.append(("speed", f"ONNX Runtime CPU, batch {sp['batch']}, {threads}: fp32 "
-                               f"{sp['fp32_ms']:.3f} ms -> {sp['compressed_ms']:.3f} ms per call "
+                               f"{sp['fp32_ms']:.3f} ms -> {sp['compressed_ms']:.3f} ms per {sp.get('unit', 'call')} "
                                f"({sp['speedup']:.2f}x, median of {sp['repeats']})"))
     if "torch_latency" in h:
         t = h["torch_latency"]
@@ -162,7 +162,7 @@ def to_markdown(data: dict[str, Any], evaluation: Report) -> str:
                   f"fp32 ONNX export of the uncompressed model against the compressed export, timed side by side "
                   f"in this run ({sp['runtime']}, batch {sp['batch']}, threads: {sp['threads']}, median of "
                   f"{sp['repeats']} interleaved repeats).", "",
-                  "| model | ms per call | bytes |", "|---|---|---|",
+                  f"| model | ms per {sp.get('unit', 'call')} | bytes |", "|---|---|---|",
                   f"| fp32 | {sp['fp32_ms']:.3f} | {sp['fp32_onnx_bytes']:,} |",
                   f"| compressed | {sp['compressed_ms']:.3f} | {data['size'].get('onnx_bytes', 0):,} |", "",
                   f"Speedup {sp['speedup']:.2f}x. Integer kernels after ONNX Runtime's optimisation: "
