@@ -67,6 +67,9 @@ class CacheConfig:
     score candidates (from ``seed``), ``holdout`` further seeds validate the result. ``time_budget`` bounds
     the local search (seconds). ``max_patterns``: distinct reuse patterns (each exports as one graph).
     ``calibrate_quantizers``: refit static activation ranges on the cached model's activations.
+    ``interval`` (with ``search: uniform``): a fixed rule instead of a budget, DeepCache's ``N`` (every
+    ``N``-th step computes) at skip level ``branch`` (0: the shallowest; DiTs reuse every block); nothing is
+    scored, and ``holdout: 0`` skips the held-out check too (no sampling at all).
     """
 
     budget: float = 0.5
@@ -81,6 +84,8 @@ class CacheConfig:
     time_budget: float = 120.0
     max_patterns: int = 4
     calibrate_quantizers: bool = True
+    interval: int | None = None
+    branch: int = 0
 
     def __post_init__(self) -> None:
         check_allowed("search", self.search, SEARCHES)
@@ -90,9 +95,11 @@ class CacheConfig:
             self.budget = 1.0 / self.speedup
         if not 0 < self.budget <= 1:
             raise DiffpressError(f"cache budget is a fraction of the uncached MACs in (0, 1], got {self.budget}")
-        for name in ("samples", "holdout", "max_patterns"):
-            if getattr(self, name) < 1:
-                raise DiffpressError(f"cache {name} must be >= 1, got {getattr(self, name)}")
+        for name, least in (("samples", 1), ("holdout", 0), ("max_patterns", 1), ("branch", 0)):
+            if getattr(self, name) < least:
+                raise DiffpressError(f"cache {name} must be >= {least}, got {getattr(self, name)}")
+        if self.interval is not None and (self.search != "uniform" or self.interval < 2):
+            raise DiffpressError("cache interval (a fixed every-N rule) needs search: uniform and N >= 2")
         if self.steps is not None and self.steps < 2:
             raise DiffpressError(f"cache steps must be >= 2, got {self.steps}")
 
@@ -398,19 +405,28 @@ def _proxy(schedule: Schedule, table: np.ndarray, drift: np.ndarray) -> float:
     return total
 
 
+def _uniform_groups(schedule: Schedule) -> list[list[int]]:
+    """What a uniform rule reuses: one skip level at a time (nested units), or every block together."""
+    n = len(schedule.units)
+    return [[i] for i in range(n)] if any(schedule.inside) or n == 1 else [list(range(n))]
+
+
+def _uniform_table(schedule: Schedule, group: list[int], interval: int) -> np.ndarray:
+    """Every ``interval``-th step computes everything; the others reuse ``group``."""
+    t = np.ones((schedule.steps, len(schedule.units)), bool)
+    for k in range(schedule.steps):
+        if k % interval:
+            t[k, group] = False
+    return schedule.with_table(t).table
+
+
 def _uniform_candidates(schedule: Schedule, budget: float) -> list[np.ndarray]:
     """DeepCache / FORA: every N-th step computes; per level (UNet) or all blocks (DiT), the smallest N
     that meets the budget."""
-    steps, n = schedule.steps, len(schedule.units)
-    groups = [[i] for i in range(n)] if any(schedule.inside) or n == 1 else [list(range(n))]
     out = []
-    for group in groups:
-        for interval in range(2, steps + 1):
-            t = np.ones((steps, n), bool)
-            for k in range(steps):
-                if k % interval:
-                    t[k, group] = False
-            t = schedule.with_table(t).table
+    for group in _uniform_groups(schedule):
+        for interval in range(2, schedule.steps + 1):
+            t = _uniform_table(schedule, group, interval)
             if schedule.macs_fraction(t) <= budget + 1e-9:
                 out.append(t)
                 break
@@ -481,10 +497,11 @@ class CacheReport:
     def summary(self) -> str:
         lines = [f"cache: {len(self.units)} units ({self.units[0]['kind'] if self.units else '-'}), "
                  f"{self.config['search']} schedule for {self.schedule.steps} steps: {self.macs_fraction:.1%} of the "
-                 f"uncached MACs ({1 / self.macs_fraction:.2f}x fewer), {len(self.schedule.patterns())} reuse patterns",
-                 f"  final samples vs uncached: {self.search_psnr:.2f} dB on the {self.config['samples']} search seeds, "
-                 f"{self.holdout_psnr:.2f} dB on {self.config['holdout']} held-out seeds "
-                 f"({self.evaluations} schedules scored in {self.seconds:.0f} s)"]
+                 f"uncached MACs ({1 / self.macs_fraction:.2f}x fewer), {len(self.schedule.patterns())} reuse patterns"]
+        if not math.isnan(self.search_psnr) or not math.isnan(self.holdout_psnr):
+            lines.append(f"  final samples vs uncached: {self.search_psnr:.2f} dB on the {self.config['samples']} search "
+                         f"seeds, {self.holdout_psnr:.2f} dB on {self.config['holdout']} held-out seeds "
+                         f"({self.evaluations} schedules scored in {self.seconds:.0f} s)")
         for name, c in self.candidates.items():
             lines.append(f"  {name}: {c['macs_fraction']:.1%} MACs, {c['psnr']:.2f} dB (search seeds)")
         if self.quantizers:
@@ -528,21 +545,24 @@ def cache_(denoiser: Denoiser, config: CacheConfig | None = None, calibration: C
     schedule = Schedule(found.names(), [u.macs for u in found.units], found.macs, [u.inside for u in found.units],
                         np.ones((steps, n), bool), sampler, steps, guidance)
     floor = schedule.macs_fraction(schedule.with_table(np.zeros((steps, n), bool)).table)
-    if config.budget < floor - 1e-9:
+    if config.interval is None and config.budget < floor - 1e-9:
         raise DiffpressError(f"a cache budget of {config.budget:.1%} of the MACs is out of reach: reusing every unit at "
                              f"every step but the first still costs {floor:.1%} (the part no unit covers); "
                              f"ask for at least {math.ceil(floor * 1000) / 1000}")
     modules = [list(u.modules) for u in found.units]
     kinds = [u.kind for u in found.units]
     state = install(denoiser, schedule, modules, kinds)
-    cond = _conditions(denoiser, calibration, config.samples + config.holdout, config.seed)
+    quantized = any(r.get("pass") == "quantize" for r in denoiser.compression)
+    samples = config.interval is None or config.holdout > 0 or (config.calibrate_quantizers and quantized)
+    cond = _conditions(denoiser, calibration, config.samples + config.holdout, config.seed) if samples \
+        else {"labels": None, "cond": None}
     seeds, held = (config.seed, config.samples), (config.seed + config.samples, config.holdout)
     held_cond = {k: (v[config.samples:] if v is not None else None) for k, v in cond.items()}
     sampling = _Sampling(denoiser, sampler, steps, guidance, cond, seeds, held)
     held_sampling = _Sampling(denoiser, sampler, steps, guidance, held_cond, held, held)
     try:
         state.table = None
-        ref, ref_held = sampling.run(seeds), held_sampling.run(held)
+        ref = sampling.run(seeds) if config.interval is None else None
         evaluations = 0
 
         def score(table: np.ndarray) -> float:
@@ -552,14 +572,18 @@ def cache_(denoiser: Denoiser, config: CacheConfig | None = None, calibration: C
             return psnr(ref, sampling.run(seeds))
 
         candidates: dict[str, tuple[np.ndarray, float]] = {}
-        uniform = [t for t in _uniform_candidates(schedule, config.budget) if len(schedule.patterns(t)) <= config.max_patterns]
-        if uniform:
-            scored = [(score(t), t) for t in uniform]
-            best = max(scored, key=lambda p: p[0])
-            candidates["uniform"] = (best[1], best[0])
+        if config.interval is not None:  # a fixed DeepCache / FORA rule: nothing to score
+            groups = _uniform_groups(schedule)
+            candidates["uniform"] = (_uniform_table(schedule, groups[min(config.branch, len(groups) - 1)],
+                                                    config.interval), math.nan)
+        else:
+            uniform = [t for t in _uniform_candidates(schedule, config.budget)
+                       if len(schedule.patterns(t)) <= config.max_patterns]
+            if uniform:
+                best_u = max(((score(t), t) for t in uniform), key=lambda p: p[0])
+                candidates["uniform"] = (best_u[1], best_u[0])
         if config.search in ("greedy", "search"):
-            drift = _drift(state, sampling)
-            greedy = _greedy(schedule, config.budget, drift, config.max_patterns)
+            greedy = _greedy(schedule, config.budget, _drift(state, sampling), config.max_patterns)
             if greedy is not None:
                 candidates["greedy"] = (greedy, score(greedy))
         if not candidates:
@@ -572,12 +596,17 @@ def cache_(denoiser: Denoiser, config: CacheConfig | None = None, calibration: C
             table, best = _local_search(schedule, table, best, score, config, progress)
             candidates["search"] = (table, best)
         chosen = schedule.with_table(table)
-        state.schedule, state.table = chosen, chosen.table
-        held_psnr = psnr(ref_held, held_sampling.run(held))
-        quant = _refit_quantizers(denoiser, sampling, progress) if config.calibrate_quantizers else {}
-        if quant:
-            best = psnr(ref, sampling.run(seeds))
+        quant = _refit_quantizers(denoiser, sampling, chosen.table, progress) if config.calibrate_quantizers else {}
+        state.schedule = chosen
+        if quant and ref is not None:
+            best = score(chosen.table)
+        held_psnr = math.nan
+        if config.holdout:
+            state.table = None
+            ref_held = held_sampling.run(held)
+            state.table = chosen.table
             held_psnr = psnr(ref_held, held_sampling.run(held))
+        state.table = chosen.table
     except BaseException:
         _uninstall(denoiser)
         raise
@@ -620,7 +649,7 @@ def _local_search(schedule: Schedule, table: np.ndarray, best: float, score, con
 
 
 # -- cache + quantization: refit static activation ranges on the cached model's activations -------------------------
-def _refit_quantizers(denoiser: Denoiser, sampling: _Sampling, progress: bool) -> dict[str, Any]:
+def _refit_quantizers(denoiser: Denoiser, sampling: _Sampling, table: np.ndarray, progress: bool) -> dict[str, Any]:
     from diffpress.calibration.observers import StepStats
     from diffpress.compress.quant import ActQuant, act_qparams, aggregate_range
     from diffpress.runtime import hooks
@@ -639,6 +668,7 @@ def _refit_quantizers(denoiser: Denoiser, sampling: _Sampling, progress: bool) -
             stats[name].setdefault(t, StepStats()).update(args[0], 4096, gen)
         return hook
 
+    denoiser.cache_state.table = table
     with hooks([(m, "pre", observer(n)) for n, m in acts]):
         sampling.run(sampling.seeds, progress=progress)
     refitted = 0
