@@ -37,8 +37,9 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,7 +127,7 @@ class Schedule:
     steps: int
     guidance: float = 1.0
 
-    def canonical(self) -> "Schedule":
+    def canonical(self) -> Schedule:
         """Row 0 computes; a unit inside a reused unit counts as reused (it does not run)."""
         t = np.array(self.table, dtype=bool)
         t[0] = True
@@ -135,7 +136,7 @@ class Schedule:
                 t[:, j] &= t[:, i]
         return Schedule(self.units, self.macs, self.total, self.inside, t, self.sampler, self.steps, self.guidance)
 
-    def with_table(self, table: np.ndarray) -> "Schedule":
+    def with_table(self, table: np.ndarray) -> Schedule:
         return Schedule(self.units, self.macs, self.total, self.inside, table, self.sampler, self.steps,
                         self.guidance).canonical()
 
@@ -164,7 +165,7 @@ class Schedule:
                 "guidance": self.guidance}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Schedule":
+    def from_dict(cls, d: dict[str, Any]) -> Schedule:
         return cls(list(d["units"]), list(d["macs"]), int(d["total"]), [tuple(i) for i in d["inside"]],
                    np.array(d["table"], dtype=bool), d["sampler"], int(d["steps"]), float(d.get("guidance", 1.0)))
 
@@ -178,7 +179,7 @@ class Schedule:
         """The table as a picture (white: recompute, black: reuse; one row per unit)."""
         from PIL import Image
 
-        img = Image.fromarray((self.table.T.astype(np.uint8) * 255)).resize(
+        img = Image.fromarray(self.table.T.astype(np.uint8) * 255).resize(
             (self.steps * 8, len(self.units) * 8), Image.NEAREST)
         img.save(path)
 
@@ -336,12 +337,11 @@ class _Sampling:
                       batch_size=max(n, 1), progress=progress, **kw).images
 
 
-def psnr(ref: torch.Tensor, got: torch.Tensor) -> float:
-    """PSNR in dB of ``got`` against ``ref`` with the peak taken as the range of ``ref``'s values (2 for
-    images in [-1, 1])."""
-    mse = float((got.double() - ref.double()).pow(2).mean())
-    peak = max(float(ref.max() - ref.min()), 1e-12)
-    return 10 * math.log10(peak ** 2 / max(mse, 1e-30))
+def _psnr(ref: torch.Tensor, got: torch.Tensor) -> float:
+    """PSNR (dB, data range 2: the reports' convention); a diverged candidate scores -inf."""
+    from diffpress.eval.metrics import psnr
+
+    return psnr(ref, got) if bool(torch.isfinite(got).all()) else -math.inf
 
 
 def _conditions(denoiser: Denoiser, calibration: CalibrationSet | None, count: int, seed: int) -> dict[str, Any]:
@@ -354,7 +354,7 @@ def _conditions(denoiser: Denoiser, calibration: CalibrationSet | None, count: i
     if calibration is None or calibration.cond is None:
         raise DiffpressError("the cache pass needs conditioning for its search: a calibration set with conditions "
                              "(this model is text-conditioned)")
-    import diffpress.conditions as conditions
+    from diffpress import conditions
 
     rows = [i for i in range(len(calibration))][: max(count, 1)]
     return {"labels": None, "cond": conditions.take(calibration.rows(rows)[2], slice(0, count))}
@@ -569,7 +569,7 @@ def cache_(denoiser: Denoiser, config: CacheConfig | None = None, calibration: C
             nonlocal evaluations
             evaluations += 1
             state.table = table
-            return psnr(ref, sampling.run(seeds))
+            return _psnr(ref, sampling.run(seeds))
 
         candidates: dict[str, tuple[np.ndarray, float]] = {}
         if config.interval is not None:  # a fixed DeepCache / FORA rule: nothing to score
@@ -605,7 +605,7 @@ def cache_(denoiser: Denoiser, config: CacheConfig | None = None, calibration: C
             state.table = None
             ref_held = held_sampling.run(held)
             state.table = chosen.table
-            held_psnr = psnr(ref_held, held_sampling.run(held))
+            held_psnr = _psnr(ref_held, held_sampling.run(held))
         state.table = chosen.table
     except BaseException:
         _uninstall(denoiser)
