@@ -87,7 +87,7 @@ CASES = [
     ("recipe-unknown-key", None, "version: 1\npasses: [{pass: quantize, weigths: int4}]\n", "recipes {r}",
      "passes.0.weigths: unknown key (did you mean 'weights'?)"),
     ("recipe-unknown-pass", None, "version: 1\npasses: [{pass: shrink}]\n", "recipes {r}",
-     "passes.0.pass: unknown pass 'shrink'; allowed: prune, lowrank, quantize"),
+     "passes.0.pass: unknown pass 'shrink'; allowed: prune, lowrank, quantize, cache"),
     ("set-malformed", None, None, "run w8a8 --model {m} --set passes.0.weights", "expected KEY=VALUE"),
     ("set-bad-value", None, None, "run w8a8 --model {m} --set passes.0.weights=int3", "'int3' is not allowed"),
     ("run-model-missing", None, None, "run w8a8 --model {m}/nope", "no such file or folder"),

@@ -168,7 +168,7 @@ def test_run_reuses_a_calibration_file(saved_models, tmp_path, capsys):
 def test_run_rejects_bad_input_before_work(tmp_path, capsys):
     out = str(tmp_path / "out")
     assert main(["run", "w9a9", "--out", out]) == 2
-    assert "unknown recipe 'w9a9'; built-in recipes: fast, prune30-w8a8, prune30, w4a4-lowrank, w4a8-lowrank, w4a8, w8a8" in capsys.readouterr().err
+    assert "unknown recipe 'w9a9'; built-in recipes: cache-w8a8, cache, fast, prune30-w8a8, prune30, w4a4-lowrank, w4a8-lowrank, w4a8, w8a8" in capsys.readouterr().err
     assert main(["run", "fast", "--model", str(tmp_path / "missing"), "--out", out, "--no-progress"]) == 2
     assert "no such file or folder" in capsys.readouterr().err
     assert main(["run", "fast", "--out", out, "--set", "passes.0.weghts=int4"]) == 2

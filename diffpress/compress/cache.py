@@ -354,7 +354,7 @@ def _conditions(denoiser: Denoiser, calibration: CalibrationSet | None, count: i
     if calibration is None or calibration.cond is None:
         raise DiffpressError("the cache pass needs conditioning for its search: a calibration set with conditions "
                              "(this model is text-conditioned)")
-    from diffpress import conditions
+    import diffpress.conditions as conditions
 
     rows = [i for i in range(len(calibration))][: max(count, 1)]
     return {"labels": None, "cond": conditions.take(calibration.rows(rows)[2], slice(0, count))}

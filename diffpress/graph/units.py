@@ -2,14 +2,15 @@
 
 Two kinds, both found on the ATen graph from its data flow and ``nn_module_stack`` (no module names):
 
-- ``deep`` (UNets; DeepCache's branches, at every depth): a skip concatenation ``cat([h, s])`` whose ``h``
-  descends from ``s`` splits the network at that skip level. The *deep part* is every node on a path from
+- ``deep`` (UNets; DeepCache's branches, at every depth): a skip concatenation ``cat([h, s])`` (channels of
+  feature maps, or features of tokens: U-ViT / HunyuanDiT long skips) whose ``h`` descends from ``s`` splits
+  the network at that skip level. The *deep part* is every node on a path from
   ``s`` to ``h`` (the deeper down blocks, the middle, the deeper up blocks). At a reuse step the modules
   lying wholly inside it return what they returned at the last step that computed them; the shallow part
   (everything up to ``s``, then the concat and the outer up blocks) runs. Units nest: a shallower level's
   deep part holds every deeper level's.
-- ``residual`` (DiTs; FORA / Δ-DiT / Learning-to-Cache): modules that map one activation to one activation
-  of the same shape and are chained with their siblings (the output of one is the input of the next, e.g.
+- ``residual`` (DiTs; FORA / Δ-DiT / Learning-to-Cache): modules of one type that map one activation to one
+  activation of the same shape and are chained with their siblings (the output of one is the input of the next, e.g.
   transformer blocks). At a reuse step such a block returns ``input + (output - input)`` of the last step
   that computed it: the residual is reused, the fresh input kept.
 
@@ -66,6 +67,13 @@ def _paths(node: fx.Node) -> list[str]:
     return [p for p, _ in (node.meta.get("nn_module_stack") or {}).values() if p]
 
 
+def _type_of(node: fx.Node, path: str) -> str:
+    for p, t in (node.meta.get("nn_module_stack") or {}).values():
+        if p == path:
+            return t if isinstance(t, str) else getattr(t, "__qualname__", str(t))
+    return ""
+
+
 def _module_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     """Every module path -> the call nodes produced inside it (at any depth)."""
     members: dict[str, list[fx.Node]] = {}
@@ -109,7 +117,9 @@ def _skip_concats(gm: fx.GraphModule, x_dep) -> list[tuple[fx.Node, fx.Node, fx.
         if n.op != "call_function" or n.target != aten.cat.default:
             continue
         parts, dim = n.args[0], (n.args[1] if len(n.args) > 1 else 0)
-        if len(parts) != 2 or len(n.meta["val"].shape) != 4 or dim not in (1, -3) or not all(map(x_dep, parts)):
+        rank = len(n.meta["val"].shape)
+        channels = (rank == 4 and dim in (1, -3)) or (rank == 3 and dim in (2, -1))  # feature maps or tokens
+        if len(parts) != 2 or not channels or not all(map(x_dep, parts)):
             continue
         a, b = parts
         if b in _closure(a, forward=False):
@@ -153,11 +163,12 @@ def _residual_units(gm: fx.GraphModule, batch: int, x_dep, members) -> list[Cach
         (i,) = ins
         shape_in, shape_out = getattr(i.meta.get("val"), "shape", None), getattr(outs[0].meta.get("val"), "shape", None)
         if shape_in is not None and shape_in == shape_out and any(is_compute(n, COMPUTE_OPS) for n in nodes):
-            blocks[path] = (i, outs[0], order[nodes[0]])
+            blocks[path] = (i, outs[0], order[nodes[0]], _type_of(nodes[0], path))
     chains: list[list[str]] = []
     for path in sorted(blocks, key=lambda p: blocks[p][2]):
         parent = path.rsplit(".", 1)[0]
-        follows = [c for c in chains if c[-1].rsplit(".", 1)[0] == parent and blocks[c[-1]][1] is blocks[path][0]]
+        follows = [c for c in chains if c[-1].rsplit(".", 1)[0] == parent and blocks[c[-1]][1] is blocks[path][0]
+                   and blocks[c[-1]][3] == blocks[path][3]]  # a stack of blocks: same type, chained
         if follows:
             follows[0].append(path)
         else:

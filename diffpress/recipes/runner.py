@@ -205,7 +205,6 @@ def ort_speed(reference: Denoiser, compressed_onnx: Path, work: Path, ev: Evalua
     """ONNX Runtime latency of ``compressed_onnx`` against an fp32 ONNX export of ``reference``, side by side,
     at ``batch`` (default ``ev.ort_batch``; a static-batch export runs at its own batch only). A cached artifact
     is timed over its whole sampling loop (:mod:`diffpress.deploy`, batch 1, ``sampler``), not per call."""
-    _sampler = sampler
     batch = ev.ort_batch if batch is None else batch
     import onnxruntime
 
@@ -219,7 +218,7 @@ def ort_speed(reference: Denoiser, compressed_onnx: Path, work: Path, ev: Evalua
         from diffpress.deploy import loop_timer
 
         steps = json.loads(schedule.read_text())["steps"]
-        calls = {k: loop_timer(p.parent, steps=steps, threads=ev.ort_threads, sampler=_sampler, guidance=ev.guidance)
+        calls = {k: loop_timer(p.parent, steps=steps, threads=ev.ort_threads, sampler=sampler, guidance=ev.guidance)
                  for k, p in paths.items()}
         med = latency_side_by_side(calls, repeats=max(3, ev.ort_repeats // 10), warmup=1)
         return {"runtime": f"onnxruntime {onnxruntime.__version__} CPU", "threads": ev.ort_threads or "all cores",
@@ -227,6 +226,11 @@ def ort_speed(reference: Denoiser, compressed_onnx: Path, work: Path, ev: Evalua
                 "fp32_ms": med["fp32"] * 1e3, "compressed_ms": med["compressed"] * 1e3,
                 "speedup": med["fp32"] / med["compressed"], "fp32_onnx_bytes": run_report.folder_bytes(work / "fp32-onnx")}
     feeds = example_feed(reference, batch, seed=5)
+    calls = {}
+    for key, path in paths.items():
+        sess = ort_session(path, threads=ev.ort_threads)
+        inputs = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), feeds)}
+        calls[key] = (lambda s=sess, f=inputs: s.run(None, f))
     med = latency_side_by_side(calls, repeats=ev.ort_repeats, warmup=3)
     return {"runtime": f"onnxruntime {onnxruntime.__version__} CPU", "threads": ev.ort_threads or "all cores",
             "batch": batch, "repeats": ev.ort_repeats, "fp32_ms": med["fp32"] * 1e3,

@@ -139,7 +139,7 @@ def test_a_recipe_can_name_a_registered_pass(plugin):
 
 
 def test_unknown_pass_in_a_saved_model_names_what_is_known(tmp_path):
-    with pytest.raises(DiffpressError, match="unknown pass 'nope'; this diffpress knows: prune, lowrank, quantize"):
+    with pytest.raises(DiffpressError, match="unknown pass 'nope'; this diffpress knows: prune, lowrank, quantize, cache"):
         registry.get("nope")
     with pytest.raises(DiffpressError, match="passes.0 is not a pass record"):
         registry.restore(diffpress.load("digits-dit"), [["quantize"]])

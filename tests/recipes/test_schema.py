@@ -76,7 +76,7 @@ def test_defaults_fill_a_minimal_recipe(tmp_path):
     ({"passes": [{"pass": "quantize", "group_size": "x"}]}, "passes.0.group_size: expected int or null, got str 'x'"),
     ({"passes": [{"pass": "quantize", "skip_roles": ["decoder"]}]}, "passes.0.skip_roles: 'decoder' is not allowed"),
     ({"passes": [{"pass": "quantize", "percentile": True}]}, "passes.0.percentile: expected float, got bool True"),
-    ({"passes": [{"pass": "cache"}]}, "passes.0.pass: unknown pass 'cache'; allowed: prune, lowrank, quantize"),
+    ({"passes": [{"pass": "distill"}]}, "passes.0.pass: unknown pass 'distill'; allowed: prune, lowrank, quantize, cache"),
     ({"passes": [{"weights": "int8"}]}, "passes.0: missing key 'pass'"),
     ({"passes": []}, "passes: empty; name at least one pass"),
     ({"passes": [{"pass": "quantize"}, {"pass": "quantize"}]}, "passes.1: quantize may run once per recipe"),
@@ -107,7 +107,7 @@ def test_file_level_errors(tmp_path):
     assert "not valid YAML" in error_of(write(tmp_path, "passes: [", "broken.yaml"))
     assert "a recipe is a mapping" in error_of(write(tmp_path, "- 1\n", "list.yaml"))
     err = error_of("w9a9")
-    assert "unknown recipe 'w9a9'; built-in recipes: fast, prune30-w8a8, prune30, w4a4-lowrank, w4a8-lowrank, w4a8, w8a8" in err
+    assert "unknown recipe 'w9a9'; built-in recipes: cache-w8a8, cache, fast, prune30-w8a8, prune30, w4a4-lowrank, w4a8-lowrank, w4a8, w8a8" in err
     assert f"no recipe file at {tmp_path / 'nope.yaml'}" in error_of(tmp_path / "nope.yaml")
 
 
