@@ -12,12 +12,13 @@ The search (``search``):
 - ``uniform``: DeepCache's / FORA's rule, the baseline: every ``N``-th step computes, the others reuse one
   skip level's deep part (UNets) or every block (DiTs); each level and the smallest ``N`` within the budget
   are tried on the calibration seeds and the best is kept;
-- ``greedy``: from one uncached run, how much each unit's cached value drifts between steps (relative L2,
-  CacheQuant's / TeaCache's signal); reuses are added one at a time, least drift per MAC saved first, each
-  charged from the step that last computed the unit, until the budget holds;
-- ``search`` (default): the best of those two, then local search on the real objective (swap two steps'
-  rows, move a reuse to another step, retarget a reuse to a shallower / deeper unit), each candidate scored
-  by sampling; time-bounded.
+- ``greedy``: from one uncached run, how much each unit's cached value drifts between steps (L2 relative to
+  what the unit returns, CacheQuant's / TeaCache's signal); reuses are added one at a time, least drift per
+  MAC saved first, each charged from the step that last computed the unit, until the budget holds;
+- ``search`` (default): the best of those two and of CacheQuant's dynamic programme (the uniform rule's
+  number of full steps, placed to minimise the summed drift), then simulated annealing on the real
+  objective (swap two steps' rows, move a reuse to another step, flip one entry), each candidate scored by
+  sampling; time-bounded, the best schedule seen is kept.
 
 The objective is the final-sample error against the uncached model on calibration seeds (``samples``), and
 the chosen schedule is validated on held-out seeds (``holdout``), reported beside it. When the model is
@@ -252,7 +253,8 @@ class CacheState:
                                  "before any step of this run computed it; a schedule computes every unit at step 0")
         return self.store[key]
 
-    def put(self, key: str, value) -> None:
+    def put(self, key: str, value, output=None) -> None:
+        """Store ``value`` (a residual unit's ``output - input``; ``output`` is its full result)."""
         leaves, spec = pytree.tree_flatten(value)
         if not all(torch.is_tensor(v) for v in leaves):
             raise DiffpressError(f"cache module {key.split('#')[0]!r} returned something other than tensors; it cannot "
@@ -288,7 +290,7 @@ class CachedForward:
         out = type(self.module).forward(self.module, *args, **kwargs)
         if action == "compute":
             key = st.key(self.name)
-            st.put(key, out - _activation(args, kwargs, out) if self.residual else out)
+            st.put(key, out - _activation(args, kwargs, out) if self.residual else out, out)
         return out
 
 
@@ -362,20 +364,24 @@ def _conditions(denoiser: Denoiser, calibration: CalibrationSet | None, count: i
 
 # -- searches ------------------------------------------------------------------------------------------------------
 def _drift(state: CacheState, sampling: _Sampling) -> np.ndarray:
-    """``d[u, k, j]``: relative L2 change of unit ``u``'s cached values from step ``j`` to step ``k`` (one
-    uncached run on the calibration seeds)."""
+    """``d[u, k, j]``: how far unit ``u``'s cached values at step ``j`` are from its values at step ``k``,
+    relative to the size of what it returns at step ``k`` (for a block: its output, so a small residual
+    that changes a lot still counts little); from one uncached run on the calibration seeds."""
     steps, n_units = sampling.steps, len(state.modules)
     rows: list[dict[int, list[torch.Tensor]]] = [dict() for _ in range(n_units)]
+    sizes: list[dict[int, float]] = [dict() for _ in range(n_units)]
     owners: dict[str, list[int]] = {}
     for u, names in enumerate(state.modules):
         for name in names:
             owners.setdefault(name, []).append(u)
 
-    def put(key, value):
-        flat = [v.detach().float().flatten() for v in pytree.tree_flatten(value)[0]]
+    def put(key, value, output=None):
+        flat = [v.detach().double().flatten() for v in pytree.tree_flatten(value)[0]]
+        size = sum(float(v.double().pow(2).sum()) for v in pytree.tree_flatten(value if output is None else output)[0])
         for u in owners[key.split("#")[0]]:
             rows[u].setdefault(state.context.step, []).extend(flat)
-        CacheState.put(state, key, value)
+            sizes[u][state.context.step] = sizes[u].get(state.context.step, 0.0) + size
+        CacheState.put(state, key, value, output)
 
     state.table, state.put = np.ones((steps, n_units), bool), put
     try:
@@ -384,9 +390,8 @@ def _drift(state: CacheState, sampling: _Sampling) -> np.ndarray:
         del state.put
     d = np.zeros((n_units, steps, steps))
     for u in range(n_units):
-        vecs = [torch.cat(rows[u][k]) for k in range(steps)]
-        stacked = torch.stack(vecs).double()
-        norms = stacked.norm(dim=1).clamp(min=1e-12)
+        stacked = torch.stack([torch.cat(rows[u][k]) for k in range(steps)])
+        norms = torch.tensor([sizes[u][k] for k in range(steps)], dtype=torch.float64).sqrt().clamp(min=1e-12)
         d[u] = (torch.cdist(stacked, stacked) / norms[:, None]).numpy()
     return d
 
@@ -401,7 +406,7 @@ def _proxy(schedule: Schedule, table: np.ndarray, drift: np.ndarray) -> float:
             if table[k, u]:
                 last = k
             elif not outer or np.all(table[k, outer]):
-                total += drift[u, k, last] * schedule.macs[u]
+                total += drift[u, k, last]
     return total
 
 
@@ -431,6 +436,40 @@ def _uniform_candidates(schedule: Schedule, budget: float) -> list[np.ndarray]:
                 out.append(t)
                 break
     return out
+
+
+def _dps(schedule: Schedule, uniform: np.ndarray, drift: np.ndarray) -> np.ndarray:
+    """CacheQuant's dynamic programme: as many full steps as ``uniform`` has, reusing the same units at the
+    other steps, placed to minimise the summed drift of every reuse from the full step before it."""
+    steps = schedule.steps
+    group = [u for u in range(uniform.shape[1]) if not uniform[:, u].all()]
+    full = int(uniform.all(axis=1).sum())
+    reuse = drift[group].sum(axis=0)  # cost of step k reusing what step j computed
+
+    def segment(j: int, n: int) -> float:  # step j computes, j+1 .. n-1 reuse
+        return float(sum(reuse[i, j] for i in range(j + 1, n)))
+
+    inf = math.inf
+    best = np.full((steps + 1, full + 1), inf)
+    back = np.zeros((steps + 1, full + 1), dtype=int)
+    for n in range(1, steps + 1):  # steps 0 .. n-1 covered by one segment starting at 0
+        best[n, 1] = segment(0, n)
+    for m in range(2, full + 1):
+        for n in range(m, steps + 1):
+            for j in range(m - 1, n):  # the last segment starts at step j
+                c = best[j, m - 1] + segment(j, n)
+                if c < best[n, m]:
+                    best[n, m], back[n, m] = c, j
+    starts, n = [], steps
+    for m in range(full, 1, -1):
+        j = back[n, m]
+        starts.append(j)
+        n = j
+    t = np.ones_like(uniform)
+    for k in range(steps):
+        if k not in starts and k != 0:
+            t[k, group] = False
+    return schedule.with_table(t).table
 
 
 def _greedy(schedule: Schedule, budget: float, drift: np.ndarray, max_patterns: int) -> np.ndarray | None:
@@ -583,9 +622,15 @@ def cache_(denoiser: Denoiser, config: CacheConfig | None = None, calibration: C
                 best_u = max(((score(t), t) for t in uniform), key=lambda p: p[0])
                 candidates["uniform"] = (best_u[1], best_u[0])
         if config.search in ("greedy", "search"):
-            greedy = _greedy(schedule, config.budget, _drift(state, sampling), config.max_patterns)
+            drift = _drift(state, sampling)
+            greedy = _greedy(schedule, config.budget, drift, config.max_patterns)
             if greedy is not None:
                 candidates["greedy"] = (greedy, score(greedy))
+            if config.search == "search" and config.interval is None:
+                placed = [(score(t), t) for t in map(lambda u: _dps(schedule, u, drift), uniform)]
+                if placed:
+                    best_p = max(placed, key=lambda p: p[0])
+                    candidates["dps"] = (best_p[1], best_p[0])
         if not candidates:
             raise DiffpressError(f"no schedule within {config.budget:.1%} of the MACs and {config.max_patterns} reuse "
                                  "patterns; raise the budget or max_patterns")
@@ -624,22 +669,28 @@ def cache_(denoiser: Denoiser, config: CacheConfig | None = None, calibration: C
 
 def _local_search(schedule: Schedule, table: np.ndarray, best: float, score, config: CacheConfig,
                   progress: bool) -> tuple[np.ndarray, float]:
-    """Hill climbing on the real objective within the budget and the pattern limit, until time runs out."""
+    """Simulated annealing on the real objective within the budget and the pattern limit, until time runs out:
+    a worse neighbour is accepted with probability ``exp(-loss / temperature)``, the temperature falling from
+    0.5 dB to 0; the best schedule seen is returned."""
     rng = random.Random(config.seed)
-    deadline = time.perf_counter() + config.time_budget
+    start = time.perf_counter()
+    deadline = start + config.time_budget
     seen = {table.tobytes()}
+    current, value_now = table, best
     with tqdm(total=int(config.time_budget), desc="cache schedule search", disable=not progress, leave=False,
               unit="s") as bar:
-        start = time.perf_counter()
         tries = 0
-        while time.perf_counter() < deadline and tries < 2000:
+        while time.perf_counter() < deadline and tries < 50_000:
             tries += 1
-            cand = schedule.with_table(_moves(table, rng)).table
+            cand = schedule.with_table(_moves(current, rng)).table
             if cand.tobytes() in seen or schedule.macs_fraction(cand) > config.budget + 1e-9 \
                     or len(schedule.patterns(cand)) > config.max_patterns:
                 continue
             seen.add(cand.tobytes())
             value = score(cand)
+            temperature = 0.5 * max(0.0, 1 - (time.perf_counter() - start) / config.time_budget)
+            if value > value_now or (temperature > 0 and rng.random() < math.exp((value - value_now) / temperature)):
+                current, value_now = cand, value
             if value > best:
                 table, best = cand, value
             bar.n = min(int(time.perf_counter() - start), bar.total)
