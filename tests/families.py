@@ -52,3 +52,14 @@ def build(family: str, seed: int = 0):
     cls_name, config = FAMILIES[family]
     torch.manual_seed(seed)
     return getattr(diffusers, cls_name)(**config).eval()
+
+
+def meta_denoiser(name: str):
+    """A real-size zoo architecture (``diffpress.zoo.architectures``) at latent 8 on the meta device (shapes only)
+    as a Denoiser, and example inputs for its capture."""
+    from diffpress import Denoiser
+    from diffpress.zoo.architectures import build as build_architecture
+
+    model = build_architecture(name, sample_size=8, device="meta")
+    den = Denoiser(model, cond_shape=(77, model.config.cross_attention_dim) if name == "sd15-unet" else None)
+    return den, tuple(a.to("meta") if a is not None else None for a in den.example_inputs(1))

@@ -176,14 +176,6 @@ class Schedule:
         return "\n".join(f"{u:<{width}} " + "".join("#" if v else "." for v in self.table[:, i])
                          for i, u in enumerate(self.units))
 
-    def save_png(self, path) -> None:
-        """The table as a picture (white: recompute, black: reuse; one row per unit)."""
-        from PIL import Image
-
-        img = Image.fromarray(self.table.T.astype(np.uint8) * 255).resize(
-            (self.steps * 8, len(self.units) * 8), Image.NEAREST)
-        img.save(path)
-
 
 # -- run time: the unit modules' forward reads the schedule -------------------------------------------------------
 class CacheState:

@@ -18,7 +18,7 @@ from diffpress.compress.prune import (
 from diffpress.graph import capture
 from diffpress.graph.capture import _module_trail
 from diffpress.graph.deps import dependencies
-from diffpress.zoo.architectures import ARCHITECTURES, build
+from diffpress.zoo.architectures import ARCHITECTURES
 
 
 def _selections(deps, rng, singles_per_kind=3):
@@ -86,9 +86,7 @@ def test_removing_units_equals_masking_them(name):
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_real_size_architectures_run_after_removal(name):
-    model = build(name, sample_size=8, device="meta")
-    den = diffpress.Denoiser(model, cond_shape=(77, model.config.cross_attention_dim) if name == "sd15-unet" else None)
-    ex = tuple(a.to("meta") if a is not None else None for a in den.example_inputs(1))
+    den, ex = families.meta_denoiser(name)
     deps = dependencies(capture(den, ex))
     kinds = {u.kind for u in deps.units}
     assert "channels" in kinds and "heads" in kinds, kinds

@@ -10,7 +10,7 @@ import diffpress
 from diffpress.errors import DiffpressError
 from diffpress.graph import capture
 from diffpress.graph.units import cache_units
-from diffpress.zoo.architectures import ARCHITECTURES, build
+from diffpress.zoo.architectures import ARCHITECTURES
 
 
 def _check_nesting(found):
@@ -63,9 +63,7 @@ def test_mmdit_is_refused_with_what_is_supported():
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_real_size_architectures(name):
-    model = build(name, sample_size=8, device="meta")
-    den = diffpress.Denoiser(model, cond_shape=(77, model.config.cross_attention_dim) if name == "sd15-unet" else None)
-    ex = tuple(a.to("meta") if a is not None else None for a in den.example_inputs(1))
+    den, ex = families.meta_denoiser(name)
     found = cache_units(capture(den, ex))
     if "unet" in name:
         assert len(found.units) == 12 and found.units[0].kind == "deep"  # 4 levels x 3 skips
