@@ -71,7 +71,7 @@ def digits(args) -> None:
         rows = {"full": full}
         print(args.model, spec, "full", json.dumps(full), flush=True)
         for budget in args.budgets:
-            common = dict(steps=steps, sampler=sampler, guidance=GUIDANCE, samples=32, holdout=32, seed=SEARCH_SEED)
+            common = {"steps": steps, "sampler": sampler, "guidance": GUIDANCE, "samples": 32, "holdout": 32, "seed": SEARCH_SEED}
             uni = den.copy()
             ru = cache_(uni, CacheConfig(budget=budget, search="uniform", **common), progress=False)
             srch = den.copy()

@@ -258,7 +258,6 @@ class CacheState:
             self.store[key] = value
 
 
-
 def _activation(args, kwargs, like: torch.Tensor) -> torch.Tensor:
     for v in [*args, *kwargs.values()]:
         if torch.is_tensor(v) and v.shape == like.shape:
@@ -360,8 +359,8 @@ def _drift(state: CacheState, sampling: _Sampling) -> np.ndarray:
     relative to the size of what it returns at step ``k`` (for a block: its output, so a small residual
     that changes a lot still counts little); from one uncached run on the calibration seeds."""
     steps, n_units = sampling.steps, len(state.modules)
-    rows: list[dict[int, list[torch.Tensor]]] = [dict() for _ in range(n_units)]
-    sizes: list[dict[int, float]] = [dict() for _ in range(n_units)]
+    rows: list[dict[int, list[torch.Tensor]]] = [{} for _ in range(n_units)]
+    sizes: list[dict[int, float]] = [{} for _ in range(n_units)]
     owners: dict[str, list[int]] = {}
     for u, names in enumerate(state.modules):
         for name in names:
@@ -526,9 +525,9 @@ class CacheReport:
     quantizers: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        lines = [f"cache: {len(self.units)} units ({self.units[0]['kind'] if self.units else '-'}), "
-                 f"{self.config['search']} schedule for {self.schedule.steps} steps: {self.macs_fraction:.1%} of the "
-                 f"uncached MACs ({1 / self.macs_fraction:.2f}x fewer), {len(self.schedule.patterns())} reuse patterns"]
+        lines = [(f"cache: {len(self.units)} units ({self.units[0]['kind'] if self.units else '-'}), "
+                  f"{self.config['search']} schedule for {self.schedule.steps} steps: {self.macs_fraction:.1%} of the "
+                  f"uncached MACs ({1 / self.macs_fraction:.2f}x fewer), {len(self.schedule.patterns())} reuse patterns")]
         if not math.isnan(self.search_psnr) or not math.isnan(self.holdout_psnr):
             lines.append(f"  final samples vs uncached: {self.search_psnr:.2f} dB on the {self.config['samples']} search "
                          f"seeds, {self.holdout_psnr:.2f} dB on {self.config['holdout']} held-out seeds "
@@ -619,7 +618,7 @@ def cache_(denoiser: Denoiser, config: CacheConfig | None = None, calibration: C
             if greedy is not None:
                 candidates["greedy"] = (greedy, score(greedy))
             if config.search == "search" and config.interval is None:
-                placed = [(score(t), t) for t in map(lambda u: _dps(schedule, u, drift), uniform)]
+                placed = [(score(t), t) for t in (_dps(schedule, u, drift) for u in uniform)]
                 if placed:
                     best_p = max(placed, key=lambda p: p[0])
                     candidates["dps"] = (best_p[1], best_p[0])
@@ -628,7 +627,7 @@ def cache_(denoiser: Denoiser, config: CacheConfig | None = None, calibration: C
                                  "patterns; raise the budget or max_patterns")
         order = ("uniform",) if config.search == "uniform" else ("greedy",) if config.search == "greedy" \
             else tuple(candidates)
-        name, (table, best) = max(((k, candidates[k]) for k in order if k in candidates), key=lambda p: p[1][1])
+        table, best = max((candidates[k] for k in order if k in candidates), key=lambda c: c[1])
         if config.search == "search":
             table, best = _local_search(schedule, table, best, score, config, progress)
             candidates["search"] = (table, best)
@@ -748,6 +747,7 @@ class _StepGraph(nn.Module):
         self.call = DenoiserGraph(denoiser)
         self.pattern, self.cache_in, self.cache_out = pattern, cache_in, cache_out
         self.n_cond = len(denoiser.cond_names)
+        self.fill: dict[str, torch.Tensor] = {}  # values the pattern never reads, at batch 1
 
     def forward(self, sample, timestep, *rest):
         st = self.call.denoiser.cache_state
@@ -758,8 +758,6 @@ class _StepGraph(nn.Module):
         with st.fixed(self.pattern, feed) as emitted:
             out = self.call(sample, timestep, *cond)
         return (out, *[emitted[k] for k in self.cache_out]) if self.cache_out else out
-
-    fill: dict[str, torch.Tensor] = {}
 
 
 def _slots(denoiser: Denoiser, example: tuple, pattern: tuple[bool, ...],
@@ -786,7 +784,6 @@ def _export_plan(plan, denoiser: Denoiser, record: dict[str, Any]) -> None:
     distinct reuse pattern reading them, and ``cache_schedule.json`` saying which graph runs at which step."""
     from diffpress.exporters.plan import GraphSpec, io_names
 
-    st = denoiser.cache_state
     schedule = Schedule.from_dict(record["schedule"])
     main = plan.graphs[0]
     example = main.example(2, 0)
@@ -820,7 +817,6 @@ def _export_plan(plan, denoiser: Denoiser, record: dict[str, Any]) -> None:
             if not cache_in:
                 return args
             computed = _StepGraph(denoiser, full, [], needed)
-            computed.fill = {}
             with torch.no_grad():
                 outs = computed(*args)
             by_key = dict(zip(needed, outs[1:]))
