@@ -192,7 +192,7 @@ def builtin_recipes() -> dict[str, Path]:
     """Name -> file of the recipes shipped with diffpress.
 
     >>> sorted(builtin_recipes())
-    ['fast', 'prune30', 'prune30-w8a8', 'w4a4-lowrank', 'w4a8', 'w4a8-lowrank', 'w8a8']
+    ['cache', 'cache-w8a8', 'fast', 'prune30', 'prune30-w8a8', 'w4a4-lowrank', 'w4a8', 'w4a8-lowrank', 'w8a8']
     """
     return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.yaml"))}
 
