@@ -316,8 +316,7 @@ class _Sampling:
     steps: int
     guidance: float
     cond: dict[str, Any]
-    seeds: tuple[int, int]  # (first, count) of the calibration seeds
-    held: tuple[int, int]
+    seeds: tuple[int, int]  # (first, count) of the seeds it scores on
 
     def run(self, seeds: tuple[int, int], progress: bool = False) -> torch.Tensor:
         from diffpress.sampling import sample
@@ -588,8 +587,8 @@ def cache_(denoiser: Denoiser, config: CacheConfig | None = None, calibration: C
         else {"labels": None, "cond": None}
     seeds, held = (config.seed, config.samples), (config.seed + config.samples, config.holdout)
     held_cond = {k: (v[config.samples:] if v is not None else None) for k, v in cond.items()}
-    sampling = _Sampling(denoiser, sampler, steps, guidance, cond, seeds, held)
-    held_sampling = _Sampling(denoiser, sampler, steps, guidance, held_cond, held, held)
+    sampling = _Sampling(denoiser, sampler, steps, guidance, cond, seeds)
+    held_sampling = _Sampling(denoiser, sampler, steps, guidance, held_cond, held)
     try:
         state.table = None
         ref = sampling.run(seeds) if config.interval is None else None
