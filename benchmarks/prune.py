@@ -49,8 +49,10 @@ def size(den) -> dict:
     return {"params": sum(p.numel() for p in den.parameters()), "macs": capture(den, batch=1).macs}
 
 
-def tp_prune(den, target: float) -> tuple[object, float]:
-    """Torch-Pruning magnitude pruner at the ratio that removes ``target`` of the MACs (bisection)."""
+def tp_prune(den, target: float, importance: str = "magnitude", calibration=None) -> tuple[object, float]:
+    """Torch-Pruning at the ratio that removes ``target`` of the MACs (bisection): ``magnitude`` (L2) or
+    ``taylor`` (``|w * dL/dw|``, the gradients of diffpress's own importance loss over the ``calibration`` points:
+    the denoising loss at each point's x0 estimate, renoised, so both tools score on one signal)."""
     import torch_pruning as tp
     from torch import nn
 
@@ -64,9 +66,11 @@ def tp_prune(den, target: float) -> tuple[object, float]:
         attn = {name for name, mod in m.named_modules() if type(mod).__name__ == "Attention"}
         ignored = [mod for name, mod in m.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d)) and
                    (name in last or any(name.startswith(a + ".") for a in attn))]
-        pruner = tp.pruner.MagnitudePruner(m, example_inputs=tuple(m.example_inputs(2)),
-                                           importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
-                                           ignored_layers=ignored, round_to=8)
+        imp = (tp.importance.TaylorImportance() if importance == "taylor" else tp.importance.MagnitudeImportance(p=2))
+        pruner = tp.pruner.MetaPruner(m, example_inputs=tuple(m.example_inputs(2)), importance=imp,
+                                      pruning_ratio=ratio, ignored_layers=ignored, round_to=8)
+        if importance == "taylor":
+            taylor_gradients(m, calibration)
         pruner.step()
         for mod in m.modules():  # diffusers' samplers assert their channel count (Diff-Pruning patches it too)
             if hasattr(mod, "channels") and hasattr(mod, "conv") and hasattr(mod.conv, "in_channels"):
@@ -83,6 +87,22 @@ def tp_prune(den, target: float) -> tuple[object, float]:
             break
         lo, hi = (mid, hi) if cut < target else (lo, mid)
     return best
+
+
+def taylor_gradients(den, calibration, points: int = 64, seed: int = 0) -> None:
+    """Accumulate ``.grad`` of the denoising loss over ``points`` calibration points (what TaylorImportance reads)."""
+    from diffpress.compress.prune import _noised, _points, _x0
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    den.zero_grad(set_to_none=True)
+    den.eval()
+    idx = _points(calibration, points, seed)
+    for lo in range(0, len(idx), 16):
+        x, t, cond = calibration.rows(idx[lo:lo + 16])
+        with torch.no_grad():
+            x0 = _x0(den, x, t, den(x, t, cond))
+        xt, target = _noised(den, x0, t, torch.randn(x0.shape, generator=gen))
+        (torch.nn.functional.mse_loss(den(xt, t, cond), target, reduction="sum") / len(idx)).backward()
 
 
 def with_recovery(rows: dict, key: str, student, teacher, cal, budget: float, ctx) -> None:
