@@ -19,7 +19,8 @@ Groups (``--groups``):
   the trajectory points diffpress calibrates on (64 trajectories x 10 steps) and on the middle step only (as many
   points); the same restricted to Conv / MatMul / Gemm (``op_types_to_quantize``) with int8 and with int4 weights;
   ModelOpt ``INT8_DEFAULT_CFG``, ``INT8_SMOOTHQUANT_CFG``, ``INT4_AWQ_CFG``, ``W4A8_AWQ_BETA_CFG``,
-  ``NVFP4_SVDQUANT_DEFAULT_CFG`` (forward loop over the same points); torchao
+  ``NVFP4_SVDQUANT_DEFAULT_CFG``, and that config's SVDQuant algorithm with int4 quantizers (W4A8: int8 per-tensor
+  activations; W4A4: int4 activations in dynamic blocks of 64), forward loop over the same points; torchao
   ``Int8DynamicActivationInt8WeightConfig``; quanto int8 weights + int8 activations (calibrated), int8 weights,
   int4 weights; diffpress's built-in recipes w8a8, w4a8, w4a8-lowrank, w4a4-lowrank (passes, then ONNX export).
 - prune: diffpress ``prune30`` (diff_pruning importance, recovery ``--recover-budget`` s) against Torch-Pruning's
@@ -129,7 +130,9 @@ class Bench:
                 q, _ = measure(model, self.ref, self.labels[:n], self.clf, self.real_feats)
                 row.update(q, samples=n)
         except Exception as exc:  # noqa: BLE001 - a peer's failure is a row, not a crash
-            row["error"] = f"{type(exc).__name__}: {exc}"[:600]
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            row["error"] = (f"{type(exc).__name__}: {exc}" if str(exc) else
+                            f"{type(exc).__name__} at {Path(where.filename).name}:{where.lineno}: {where.line}")[:600]
             row["traceback"] = traceback.format_exc().splitlines()[-8:]
             model = None
         self.rows[key] = row
@@ -276,19 +279,44 @@ def quant_group(b: Bench) -> None:
         return loop
 
     # -- NVIDIA ModelOpt (fake quant on CPU) ---------------------------------------------------------------------
-    for cfg_name, bits in (("INT8_DEFAULT_CFG", "W8A8"), ("INT8_SMOOTHQUANT_CFG", "W8A8"),
-                           ("INT4_AWQ_CFG", "W4A16"), ("W4A8_AWQ_BETA_CFG", "W4A8 (fp8 act)"),
-                           ("NVFP4_SVDQUANT_DEFAULT_CFG", "W4A4 (nvfp4) + low rank")):
-        def build(cfg_name=cfg_name):
+    # ModelOpt's SVDQuant ships as NVFP4 only; the same algorithm with int4 quantizers is the int peer of
+    # diffpress's low-rank recipes (weights: int4 in static blocks of 64; activations: int8 per tensor, or int4 in
+    # dynamic blocks of 64 as w4a4-lowrank does)
+    int4_w = {"num_bits": 4, "block_sizes": {-1: 64, "type": "static"}}
+    custom = {"svdquant-int4-w4a8": (int4_w, {"num_bits": 8, "axis": None}),
+              "svdquant-int4-w4a4-dynamic": (int4_w, {"num_bits": 4, "block_sizes": {-1: 64, "type": "dynamic"}})}
+
+    def modelopt_cfg(name: str):
+        import copy
+
+        import modelopt.torch.quantization as mtq
+
+        if name not in custom:
+            return getattr(mtq, name.upper() + "_CFG")
+        cfg = copy.deepcopy(mtq.NVFP4_SVDQUANT_DEFAULT_CFG)
+        for entry in cfg["quant_cfg"]:
+            role = {"*weight_quantizer": 0, "*input_quantizer": 1}.get(entry.get("quantizer_name"))
+            if role is not None:
+                entry["cfg"] = custom[name][role]
+        return cfg
+
+    for name, bits in (("int8_default", "W8A8"), ("int8_smoothquant", "W8A8"), ("int4_awq", "W4A16"),
+                       ("w4a8_awq_beta", "W4A8 (fp8 act)"), ("nvfp4_svdquant_default", "W4A4 (nvfp4) + low rank"),
+                       ("svdquant-int4-w4a8", "W4A8 + low rank"), ("svdquant-int4-w4a4-dynamic", "W4A4 + low rank")):
+        def build(name=name):
             import modelopt.torch.quantization as mtq
 
             q = den.copy()
-            mtq.quantize(q.model, getattr(mtq, cfg_name), forward_loop(q))
-            return q, {"runtime": "torch", "simulated": "fake-quant (ModelOpt on CPU keeps float weights)",
-                       "bytes": torch_bytes(q.model)}
-        m = b.row("quant", f"modelopt-{cfg_name.lower().replace('_cfg', '')}", "nvidia-modelopt", bits, build)
+            mtq.quantize(q.model, modelopt_cfg(name), forward_loop(q))
+            info = {"runtime": "torch", "simulated": "fake-quant (ModelOpt on CPU keeps float weights)",
+                    "bytes": torch_bytes(q.model)}
+            if name in custom:
+                info["config"] = ("NVFP4_SVDQUANT_DEFAULT_CFG's algorithm (svdquant, rank 32) with int quantizers: "
+                                  f"weights {custom[name][0]}, inputs {custom[name][1]}")
+            return q, info
+        m = b.row("quant", f"modelopt-{name}", "nvidia-modelopt", bits, build)
         if m is not None:
-            b.time_torch(f"modelopt-{cfg_name.lower().replace('_cfg', '')}", m, "quant")
+            b.time_torch(f"modelopt-{name}", m, "quant")
 
     # -- torchao -----------------------------------------------------------------------------------------------
     def torchao_build():
@@ -514,7 +542,11 @@ def table(folder: Path) -> str:
             lines += [f"\n**{model}** ({s['samples']} samples, {s['steps']}-step DDIM, guidance {s['guidance']}; "
                       f"{s['threads']} thread(s); CPU: {s['cpu']})\n",
                       "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-            for key, r in m["rows"].items():
+            rows = dict(m["rows"])
+            for runtime in ("ort",):  # the fp32 ONNX export's latency, timed beside the rows that use it
+                if f"fp32-{runtime}" in rows and "fp32-onnx" in rows:
+                    rows["fp32-onnx"] = {**rows["fp32-onnx"], **rows.pop(f"fp32-{runtime}")}
+            for key, r in rows.items():
                 if "error" in r:
                     lines.append(f"| {r.get('group', '')} | {key} | {r.get('tool', '')} | {r.get('bits', '')} | "
                                  f"- | error: {r['error'][:120].replace('|', '/')} |" + " |" * (len(COLUMNS) - 6))
