@@ -8,9 +8,11 @@ Writes ``benchmarks/results/peers_<model>.json`` after every row (a crash keeps 
 table ``benchmarks/results/peers.md``. Every peer runs in its own ``try``: a peer that fails is an error row with
 its message, never a missing row.
 
-Quality: ``--samples`` images, labels 0..9 repeated, 50-step DDIM, guidance 3, seeds 0.., PSNR / SSIM against the
-uncompressed model's samples on the same seeds, the digits classifier's conditional accuracy and Frechet distance
-(FD) to all real digits. Rows whose ``runtime`` is ``ort`` are sampled from the ONNX artifact in ONNX Runtime (the
+Models: any name or path ``diffpress.load`` takes (default: the two conditional zoo models). Quality: ``--samples``
+images, 50 steps of the model's sampler (DDIM for the zoo), seeds 0.., the conditions ``diffpress.evaluate`` uses
+(class labels 0..K-1 repeated, guidance 3 where the model has a null condition), PSNR / SSIM against the
+uncompressed model's samples on the same seeds; for 16x16 single-channel models (the digits zoo) also the digits
+classifier's conditional accuracy and Frechet distance (FD) to all real digits. Rows whose ``runtime`` is ``ort`` are sampled from the ONNX artifact in ONNX Runtime (the
 integer arithmetic is real); ``torch`` rows in PyTorch, where ModelOpt's quantizers are fake-quant (simulated,
 float weights kept) and torchao / quanto run their own int8 / int4 kernels.
 
@@ -27,7 +29,7 @@ Groups (``--groups``):
   ``MetaPruner`` with magnitude (L2) and Taylor importance at the same MACs (ratio bisected), each followed by the
   same recovery (diffpress's distillation, same points, same budget): the importance is what differs.
 - cache: DeepCache's uniform rule (every N-th step computes the whole UNet, the others reuse all but the outermost
-  branch): the DeepCache package where it can wrap the model (diffusers ``UNet2DConditionModel``), the rule
+  branch): the DeepCache package where it can wrap the model (a diffusers UNet: down / mid / up blocks), the rule
   re-implemented on diffpress's captured cache units where it cannot (DiT); diffpress's searched schedule at the
   same MAC fraction (search ``--cache-search`` s). On the UNet both are run, and the PSNR between the package and
   the re-implementation is reported (how faithful the re-implementation is).
@@ -57,9 +59,11 @@ from pathlib import Path
 import torch
 
 import diffpress
+from diffpress import conditions
+from diffpress.eval import metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ptq import GUIDANCE, STEPS, measure, setup  # noqa: E402
+from ptq import GUIDANCE, STEPS, setup  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 PACKAGES = ("torch", "onnx", "onnxruntime", "diffusers", "nvidia-modelopt", "torchao", "optimum-quanto",
@@ -89,18 +93,28 @@ class Bench:
         from diffpress.graph import capture
 
         self.name, self.args, self.clf, self.real_feats, self.results, self.out = name, args, clf, real_feats, results, out
+        from diffpress.conditions import ConditionSource, materialize
+
         self.den = diffpress.load(name)
-        self.labels = torch.arange(args.samples) % 10
+        self.n = args.samples
+        # the conditions diffpress.evaluate uses (labels 0..K-1 repeated; random states for a hidden-state model)
+        self.kw, note = materialize(self.den, ConditionSource(), self.n, seed=0)
+        self.guidance = GUIDANCE if self.den.supports_guidance else 1.0
+        self.digits = self.den.sample_shape == (1, 16, 16)  # diffpress.evaluate's rule: the classifier's data
         self.macs = capture(self.den, batch=1).macs
         self.rows: dict[str, dict] = results["models"].setdefault(name, {"rows": {}, "notes": {}})["rows"]
         self.notes: dict = results["models"][name]["notes"]
         self.work = Path(tempfile.mkdtemp(prefix=f"peers-{name}-"))
         self.timers: dict[str, dict] = {}
         t0 = time.perf_counter()
-        fp, self.ref = measure(self.den, None, self.labels, clf, real_feats)
+        self.ref = None
+        fp, self.ref = self.measure(self.den)
         self.rows["fp32"] = {"group": "reference", "tool": "none", "bits": "fp32", "runtime": "torch", **fp,
                              "bytes": torch_bytes(self.den.model), "macs": self.macs}
         self.notes["reference_sampling_seconds"] = round(time.perf_counter() - t0, 1)
+        self.notes["conditions"] = note or "class labels 0..K-1 repeated"
+        if not self.digits:
+            self.notes["metrics"] = "no FD / accuracy: the digits classifier applies to 16x16 single-channel images"
         self.x, self.t, self.cond = self.den.example_inputs(2, seed=5)
         self.time_torch("fp32", self.den, "quant")
         self.save()
@@ -126,9 +140,7 @@ class Bench:
             row.update(info)
             row.setdefault("macs", self.macs)
             if sample:
-                n = min(samples or len(self.labels), len(self.labels))
-                q, _ = measure(model, self.ref, self.labels[:n], self.clf, self.real_feats)
-                row.update(q, samples=n)
+                row.update(self.measure(model, samples)[0])
         except Exception as exc:  # noqa: BLE001 - a peer's failure is a row, not a crash
             where = traceback.extract_tb(exc.__traceback__)[-1]
             row["error"] = (f"{type(exc).__name__}: {exc}" if str(exc) else
@@ -139,6 +151,27 @@ class Bench:
         print(f"[{self.name}] {key}: " + json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
         self.save()
         return model
+
+    def conds(self, n: int) -> dict:
+        return {k: (n if k == "num_samples" else conditions.take(v, slice(0, n))) for k, v in self.kw.items()}
+
+    def sample(self, model, n: int | None = None) -> torch.Tensor:
+        return diffpress.sample(model, **self.conds(min(n or self.n, self.n)), guidance=self.guidance, steps=STEPS,
+                                seed=0, progress=False).images
+
+    def measure(self, model, n: int | None = None) -> tuple[dict, torch.Tensor]:
+        """PSNR / SSIM against the reference samples on the same seeds; digits models: accuracy and FD too."""
+        t0 = time.perf_counter()
+        out = self.sample(model, n)
+        row = {"samples": len(out), "seconds": round(time.perf_counter() - t0, 1)}
+        if self.digits:
+            feats, logits = metrics.classifier_outputs(self.clf, out)
+            row["fd_real"] = metrics.frechet_distance(feats.numpy(), self.real_feats)
+            if "labels" in self.kw:
+                row["cond_accuracy"] = metrics.conditional_accuracy(logits, self.kw["labels"][:len(out)])
+        if self.ref is not None:
+            row.update(psnr_db=metrics.psnr(self.ref[:len(out)], out), ssim=metrics.ssim(self.ref[:len(out)], out))
+        return row, out
 
     def time_torch(self, key: str, den, group: str) -> None:
         x, t, cond = self.x, self.t, self.cond
@@ -152,9 +185,7 @@ class Bench:
         self.timers.setdefault(group, {})[("ort", key)] = lambda: sess.run(None, feed)
 
     def time_loop(self, key: str, den, group: str) -> None:
-        labels = self.labels[:2]
-        self.timers.setdefault(group, {})[("torch-loop", key)] = lambda: diffpress.sample(
-            den, labels=labels, guidance=GUIDANCE, steps=STEPS, seed=0, progress=False)
+        self.timers.setdefault(group, {})[("torch-loop", key)] = lambda: self.sample(den, 2)
 
     def finish_group(self, group: str, repeats: int) -> None:
         """Time the group's callables interleaved; speedup against the fp32 reference of the same runtime."""
@@ -195,6 +226,7 @@ class Bench:
 # ---------------------------------------------------------------------------------------------------------------
 def quant_group(b: Bench) -> None:
     from diffpress.calibration import TimestepPolicy, collect
+    from diffpress.conditions import materialize
     from diffpress.recipes.runner import _calibrate, resolve_sampler
     from diffpress.recipes.schema import load_recipe
 
@@ -206,8 +238,10 @@ def quant_group(b: Bench) -> None:
     cs, _ = _calibrate(den, cfg, sampler, None, False)
     b.notes["calibration"] = {"trajectories": cfg.samples, "steps": cfg.steps, "points": len(cs),
                               "policy": "uniform, 10 steps", "seconds": round(time.perf_counter() - t0, 1)}
-    mid = collect(den, num_samples=cfg.samples * 10, steps=STEPS, scheduler=sampler,
-                  policy=TimestepPolicy("steps", steps=[STEPS // 2]), seed=cfg.seed, progress=False)
+    conds, _ = materialize(den, cfg.conditions, cfg.samples * 10, seed=cfg.seed)
+    conds.pop("num_samples", None)
+    mid = collect(den, num_samples=cfg.samples * 10, steps=STEPS, scheduler=sampler, guidance=cfg.guidance,
+                  policy=TimestepPolicy("steps", steps=[STEPS // 2]), seed=cfg.seed, progress=False, **conds)
     b.notes["calibration_mid_step"] = {"trajectories": cfg.samples * 10, "points": len(mid), "step": STEPS // 2}
 
     # fp32 ONNX: the base of the ONNX Runtime rows (and of their latency)
@@ -472,12 +506,13 @@ def cache_group(b: Bench) -> None:
     den, interval = b.den, b.args.cache_interval
     b.time_loop("fp32", den, "cache")
     rule = den.copy()
-    r = cache_(rule, CacheConfig(search="uniform", interval=interval, branch=0, steps=STEPS, guidance=GUIDANCE,
+    r = cache_(rule, CacheConfig(search="uniform", interval=interval, branch=0, steps=STEPS, guidance=b.guidance,
                                  holdout=0), progress=False)
     fraction = r.macs_fraction
     b.notes["deepcache_rule"] = {"interval": interval, "branch": 0, "macs_fraction": fraction,
                                  "units": r.schedule.units}
-    is_unet = type(den.model).__name__ == "UNet2DConditionModel"
+    # what DeepCacheSDHelper wraps: a diffusers UNet's down / mid / up blocks
+    is_unet = all(hasattr(den.model, a) for a in ("down_blocks", "mid_block", "up_blocks"))
     dc_images = None
     if is_unet:
         def dc_build():
@@ -489,11 +524,10 @@ def cache_group(b: Bench) -> None:
                        "bytes": torch_bytes(den.model),
                        "note": "DeepCache package (DeepCacheSDHelper) wrapping the diffusers UNet; MAC fraction "
                                "of the equivalent diffpress rule"}
-        m = b.row("cache", f"deepcache-n{interval}", "DeepCache (package)", f"fp32, every {interval}th step full",
+        m = b.row("cache", f"deepcache-n{interval}", "DeepCache (package)", f"fp32, full pass every {interval} steps",
                   dc_build)
         if m is not None:
-            dc_images = diffpress.sample(m, labels=b.labels[:50], guidance=GUIDANCE, steps=STEPS, seed=0,
-                                         progress=False).images
+            dc_images = b.sample(m, 50)
             b.time_loop(f"deepcache-n{interval}", m, "cache")
     key = f"deepcache-rule-n{interval}" + ("-reimplemented" if is_unet else "")
 
@@ -501,23 +535,20 @@ def cache_group(b: Bench) -> None:
         info = {"runtime": "torch", "macs_fraction": fraction, "macs": round(b.macs * fraction),
                 "bytes": torch_bytes(den.model),
                 "note": "DeepCache's uniform rule re-implemented on diffpress's cache units (CacheConfig interval, "
-                        "branch 0): " + ("the package wraps diffusers UNets only" if not is_unet else
+                        "branch 0): " + ("the package wraps diffusers UNets (down / mid / up blocks) only" if not is_unet else
                                          "beside the package, to check the re-implementation")}
         if dc_images is not None:
-            mine = diffpress.sample(rule, labels=b.labels[:50], guidance=GUIDANCE, steps=STEPS, seed=0,
-                                    progress=False).images
-            from diffpress.eval import metrics
-
+            mine = b.sample(rule, 50)
             info["psnr_vs_package_db"] = metrics.psnr(dc_images, mine)
         return rule, info
     m = b.row("cache", key, "DeepCache rule (re-implemented)",
-              f"fp32, every {interval}th step full", rule_build)
+              f"fp32, full pass every {interval} steps", rule_build)
     if m is not None and not is_unet:
         b.time_loop(key, m, "cache")
 
     def search_build():
         m = den.copy()
-        rep = cache_(m, CacheConfig(budget=fraction, search="search", steps=STEPS, guidance=GUIDANCE, samples=16,
+        rep = cache_(m, CacheConfig(budget=fraction, search="search", steps=STEPS, guidance=b.guidance, samples=16,
                                     holdout=32, seed=1000, time_budget=b.args.cache_search), progress=False)
         return m, {"runtime": "torch", "macs_fraction": rep.macs_fraction, "macs": round(b.macs * rep.macs_fraction),
                    "bytes": torch_bytes(den.model), "search_seconds": round(rep.seconds, 1),
