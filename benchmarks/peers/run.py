@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import io
 import json
 import platform
@@ -130,6 +131,8 @@ class Bench:
             samples: int | None = None) -> object | None:
         """``build()`` returns ``(model, info)``: ``model`` is what :func:`diffpress.sample` runs (a Denoiser or an
         OrtDenoiser), ``info`` the row's other fields (``runtime``, ``bytes``, ``compress_seconds``, ...)."""
+        if self.args.rows and not any(fnmatch.fnmatch(key, pat) for pat in self.args.rows):
+            return None
         print(f"[{self.name}] {group}: {key} ...", flush=True)
         row = {"group": group, "tool": tool, "bits": bits}
         model = None
@@ -385,7 +388,16 @@ def quant_group(b: Bench) -> None:
             b.time_torch(key, m, "quant")
 
     # -- diffpress built-in recipes ------------------------------------------------------------------------------
-    bits = {"w8a8": "W8A8", "w4a8": "W4A8", "w4a8-lowrank": "W4A8 + low rank", "w4a4-lowrank": "W4A4 + low rank"}
+    bits = {"w8a8": "W8A8", "w4a8": "W4A8", "w4a8-lowrank": "W4A8 + low rank", "w4a4-lowrank": "W4A4 + low rank",
+            "w8a8-vnni": "W8A8 (8-bit weights: VNNI CPUs only)", "w8a8-dynamic": "W8A8 (dynamic activations)",
+            "w8a8-int8-skipped": "W8A8 (+ int8 weights in the float-kept layers)"}
+    # the w8a8 recipe with the two settings that make it like-for-like with some peers: full 8-bit weights (the
+    # default target 'any' keeps them on 7 bits so that AVX2-only CPUs compute the same), and per-token dynamic
+    # activations (torchao's scheme; diffpress exports them as float arithmetic); they are not built-in recipes
+    recipes["w8a8-vnni"] = load_recipe("w8a8", overrides=["passes.0.target=vnni"])
+    recipes["w8a8-dynamic"] = load_recipe("w8a8", overrides=["passes.0.act_mode=dynamic"])
+    # and the layers its skip roles keep in float (time embedding, first, last) with int8 weights: fewer bytes
+    recipes["w8a8-int8-skipped"] = load_recipe("w8a8", overrides=["passes.0.skip_roles_weights=int8"])
     for name, recipe in recipes.items():
         def build(recipe=recipe, name=name):
             calib = cs if recipe.calibration == cfg else _calibrate(den, recipe.calibration, sampler, None, False)[0]
@@ -614,6 +626,7 @@ def main() -> None:
     parser.add_argument("--cache-interval", type=int, default=3, help="DeepCache's N (every N-th step is full)")
     parser.add_argument("--threads", type=int, default=1, help="PyTorch and ONNX Runtime threads (all rows alike)")
     parser.add_argument("--repeats", type=int, default=20, help="interleaved latency repeats")
+    parser.add_argument("--rows", nargs="+", default=None, help="only the rows whose key matches one of these globs")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--table", action="store_true", help="only write peers.md from the JSON files")
     args = parser.parse_args()
