@@ -102,7 +102,10 @@ class Bench:
         self.kw, note = materialize(self.den, ConditionSource(), self.n, seed=0)
         self.guidance = GUIDANCE if self.den.supports_guidance else 1.0
         self.digits = self.den.sample_shape == (1, 16, 16)  # diffpress.evaluate's rule: the classifier's data
-        self.macs = capture(self.den, batch=1).macs
+        graph = capture(self.den, batch=1)
+        self.macs = graph.macs
+        # the share of the MACs in nn.Linear modules: all that torchao's config quantizes
+        self.linear_share = sum(lyr.macs for lyr in graph.layers if lyr.module_type == "Linear") / self.macs
         self.rows: dict[str, dict] = results["models"].setdefault(name, {"rows": {}, "notes": {}})["rows"]
         self.notes: dict = results["models"][name]["notes"]
         self.work = Path(tempfile.mkdtemp(prefix=f"peers-{name}-"))
@@ -361,8 +364,8 @@ def quant_group(b: Bench) -> None:
 
         q = den.copy()
         quantize_(q.model, Int8DynamicActivationInt8WeightConfig())
-        return q, {"runtime": "torch", "bytes": torch_bytes(q.model),
-                   "note": "torchao quantizes nn.Linear only; convolutions stay float"}
+        return q, {"runtime": "torch", "bytes": torch_bytes(q.model), "macs_quantized_fraction": b.linear_share,
+                   "note": "torchao quantizes nn.Linear only; convolutions and attention matmuls stay float"}
     m = b.row("quant", "torchao-int8dyn-int8w", "torchao", "W8A8 (dynamic, Linear only)", torchao_build)
     if m is not None:
         b.time_torch("torchao-int8dyn-int8w", m, "quant")
