@@ -117,6 +117,9 @@ class Bench:
                              "bytes": torch_bytes(self.den.model), "macs": self.macs}
         self.notes["reference_sampling_seconds"] = round(time.perf_counter() - t0, 1)
         self.notes["conditions"] = note or "class labels 0..K-1 repeated"
+        from diffpress.recipes.runner import resolve_sampler
+
+        self.notes["guidance"], self.notes["sampler"] = self.guidance, resolve_sampler(self.den, "auto")[1]["class"]
         if not self.digits:
             self.notes["metrics"] = "no FD / accuracy: the digits classifier applies to 16x16 single-channel images"
         self.x, self.t, self.cond = self.den.example_inputs(2, seed=5)
@@ -585,7 +588,9 @@ def table(folder: Path) -> str:
         data = json.loads(path.read_text())
         s = data["settings"]
         for model, m in data["models"].items():
-            lines += [f"\n**{model}** ({s['samples']} samples, {s['steps']}-step DDIM, guidance {s['guidance']}; "
+            sampler = m["notes"].get("sampler", "DDIMScheduler").replace("Scheduler", "")
+            lines += [f"\n**{model}** ({s['samples']} samples, {s['steps']} {sampler} steps, "
+                      f"guidance {m['notes'].get('guidance', s['guidance'])}; "
                       f"{s['threads']} thread(s); CPU: {s['cpu']})\n",
                       "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
             rows = dict(m["rows"])
