@@ -22,15 +22,15 @@ import onnxruntime as ort
 import torch
 
 import diffpress
-from diffpress import conditions, export_onnx
+from diffpress import export_onnx
 from diffpress.compress import QuantizeConfig, quantize_
 from diffpress.exporters.onnx import example_feed
 
+sys.path.insert(0, str(Path(__file__).parent))
+from run import ort_quantize_static  # noqa: E402
+
 
 def main() -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="digits-cond-unet")
     parser.add_argument("--runs", type=int, default=30)
@@ -43,27 +43,7 @@ def main() -> None:
     q = den.copy()
     quantize_(q, QuantizeConfig(), cs, progress=False)
     export_onnx(q, w / "diffpress")
-    names = [i["name"] for i in json.loads((w / "fp32" / "io_spec.json").read_text())["graphs"][0]["inputs"]]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(cs.batches(32))
-
-        def get_next(self):
-            item = next(self.it, None)
-            if item is None:
-                return None
-            x, t, c = item
-            t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-            return {n: p.contiguous().numpy() for n, p in zip(names, [x, t, *conditions.tensors(c)])}
-
-    try:
-        quant_pre_process(str(w / "fp32" / "model.onnx"), str(w / "pre.onnx"))
-    except Exception:  # noqa: BLE001 - as in run.py: symbolic shape inference fails on some graphs
-        quant_pre_process(str(w / "fp32" / "model.onnx"), str(w / "pre.onnx"), skip_symbolic_shape=True)
-    quantize_static(str(w / "pre.onnx"), str(w / "ort.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+    ort_quantize_static(w / "fp32", w / "ort.onnx", cs, "QInt8", ["Conv", "MatMul", "Gemm"])
     feeds = example_feed(den, 2, seed=5)
     for name, path in (("fp32", w / "fp32" / "model.onnx"), ("diffpress", w / "diffpress" / "model.onnx"),
                        ("onnxruntime", w / "ort.onnx")):

@@ -232,6 +232,42 @@ class Bench:
             "export_rel_rms": res.verification.get("rel_rms_diff")}
 
 
+
+def ort_quantize_static(src: Path, dst: Path, calib, weight_type: str = "QInt8", ops: list[str] | None = None) -> None:
+    """ONNX Runtime's ``quantize_static`` of the fp32 export folder ``src`` into ``dst`` (a .onnx path): QDQ,
+    per-channel ``weight_type`` weights, uint8 activations, MinMax over the points of ``calib`` (a diffpress
+    CalibrationSet, fed in the export's input order), only ``ops`` when given. ORT's calibration writes files
+    into the working directory: it runs in a temporary one."""
+    import contextlib
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    names = [i["name"] for i in json.loads((src / "io_spec.json").read_text())["graphs"][0]["inputs"]]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calib.batches(32))
+
+        def get_next(self):
+            item = next(self.it, None)
+            if item is None:
+                return None
+            x, t, cond = item
+            t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+            return {n: p.contiguous().numpy() for n, p in zip(names, [x, t, *conditions.tensors(cond)])}
+
+    with tempfile.TemporaryDirectory(prefix="ort-quant-") as tmp, contextlib.chdir(tmp):
+        pre = Path(tmp) / "pre.onnx"
+        try:
+            quant_pre_process(str(src / "model.onnx"), str(pre))
+        except Exception:  # noqa: BLE001 - symbolic shape inference fails on some graphs; ORT documents skipping it
+            quant_pre_process(str(src / "model.onnx"), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=getattr(QuantType, weight_type),
+                        op_types_to_quantize=ops)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 def quant_group(b: Bench) -> None:
     from diffpress.calibration import TimestepPolicy, collect
@@ -261,46 +297,20 @@ def quant_group(b: Bench) -> None:
     # -- ONNX Runtime quantize_static ---------------------------------------------------------------------------
     def ort_static(calib, weight_type: str, ops: list[str] | None = None):
         def build():
-            from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-
-            from diffpress import conditions
             from diffpress.recipes.run_report import folder_bytes
 
             src = b.work / "fp32-onnx"
             if not (src / "model.onnx").exists():
                 b.export(den, "fp32-onnx")
             t0 = time.perf_counter()
-            names = [i["name"] for i in json.loads((src / "io_spec.json").read_text())["graphs"][0]["inputs"]]
-
-            class Reader(CalibrationDataReader):
-                def __init__(self):
-                    self.it = iter(calib.batches(32))
-
-                def get_next(self):
-                    item = next(self.it, None)
-                    if item is None:
-                        return None
-                    x, t, cond = item
-                    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-                    parts = [x, t, *conditions.tensors(cond)]
-                    return {n: p.contiguous().numpy() for n, p in zip(names, parts)}
-
             dst = b.work / f"ort-{id(calib)}-{weight_type}-{ops is None}"
             if dst.exists():
                 shutil.rmtree(dst)
             shutil.copytree(src, dst)
-            pre = b.work / "pre.onnx"
-            try:
-                quant_pre_process(str(src / "model.onnx"), str(pre))
-            except Exception:  # noqa: BLE001 - symbolic shape inference can fail on a graph; ORT documents skipping it
-                quant_pre_process(str(src / "model.onnx"), str(pre), skip_symbolic_shape=True)
-            quantize_static(str(pre), str(dst / "model.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=getattr(QuantType, weight_type), op_types_to_quantize=ops)
+            ort_quantize_static(src, dst / "model.onnx", calib, weight_type, ops)
             from diffpress.deploy import OrtDenoiser
 
-            seconds = time.perf_counter() - t0 + b.rows["fp32-onnx"].get("export_seconds", 0.0)
+            seconds = time.perf_counter() - t0 + b.rows.get("fp32-onnx", {}).get("export_seconds", 0.0)
             return OrtDenoiser(dst, threads=b.args.threads), {"runtime": "ort", "bytes": folder_bytes(dst),
                                                               "compress_seconds": round(seconds, 1)}
         return build
