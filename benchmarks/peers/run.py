@@ -61,7 +61,10 @@ import torch
 
 import diffpress
 from diffpress import conditions
+from diffpress.conditions import ConditionSource, materialize
 from diffpress.eval import metrics
+from diffpress.graph import capture
+from diffpress.recipes.runner import resolve_sampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ptq import GUIDANCE, STEPS, setup  # noqa: E402
@@ -91,11 +94,7 @@ class Bench:
     """One model: the reference samples, the rows measured so far, and the callables timed at the end of a group."""
 
     def __init__(self, name: str, args, clf, real_feats, results: dict, out: Path):
-        from diffpress.graph import capture
-
         self.name, self.args, self.clf, self.real_feats, self.results, self.out = name, args, clf, real_feats, results, out
-        from diffpress.conditions import ConditionSource, materialize
-
         self.den = diffpress.load(name)
         self.n = args.samples
         # the conditions diffpress.evaluate uses (labels 0..K-1 repeated; random states for a hidden-state model)
@@ -117,8 +116,6 @@ class Bench:
                              "bytes": torch_bytes(self.den.model), "macs": self.macs}
         self.notes["reference_sampling_seconds"] = round(time.perf_counter() - t0, 1)
         self.notes["conditions"] = note or "class labels 0..K-1 repeated"
-        from diffpress.recipes.runner import resolve_sampler
-
         self.notes["guidance"], self.notes["sampler"] = self.guidance, resolve_sampler(self.den, "auto")[1]["class"]
         if not self.digits:
             self.notes["metrics"] = "no FD / accuracy: the digits classifier applies to 16x16 single-channel images"
@@ -271,8 +268,7 @@ def ort_quantize_static(src: Path, dst: Path, calib, weight_type: str = "QInt8",
 # ---------------------------------------------------------------------------------------------------------------
 def quant_group(b: Bench) -> None:
     from diffpress.calibration import TimestepPolicy, collect
-    from diffpress.conditions import materialize
-    from diffpress.recipes.runner import _calibrate, resolve_sampler
+    from diffpress.recipes.runner import _calibrate
     from diffpress.recipes.schema import load_recipe
 
     den = b.den
@@ -436,8 +432,7 @@ def prune_group(b: Bench) -> None:
     from prune import tp_prune
 
     from diffpress.compress.recover import RecoverConfig, recover
-    from diffpress.graph import capture
-    from diffpress.recipes.runner import _calibrate, resolve_sampler
+    from diffpress.recipes.runner import _calibrate
     from diffpress.recipes.schema import load_recipe
 
     den, budget = b.den, b.args.recover_budget
