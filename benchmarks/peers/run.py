@@ -44,6 +44,7 @@ share and which is reported once.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import fnmatch
 import io
@@ -60,10 +61,14 @@ from pathlib import Path
 import torch
 
 import diffpress
-from diffpress import conditions
+from diffpress import conditions, export_onnx
 from diffpress.conditions import ConditionSource, materialize
+from diffpress.deploy import OrtDenoiser
 from diffpress.eval import metrics
+from diffpress.eval.cost import latency_side_by_side
+from diffpress.exporters.onnx import example_feed
 from diffpress.graph import capture
+from diffpress.recipes.run_report import folder_bytes
 from diffpress.recipes.runner import resolve_sampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -184,8 +189,6 @@ class Bench:
         self.timers.setdefault(group, {})[("torch", key)] = lambda: den(x, t, cond)
 
     def time_ort(self, key: str, ort_den, group: str) -> None:
-        from diffpress.exporters.onnx import example_feed
-
         sess = ort_den.sessions["model"]
         feed = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), example_feed(self.den, 2, seed=5))}
         self.timers.setdefault(group, {})[("ort", key)] = lambda: sess.run(None, feed)
@@ -195,8 +198,6 @@ class Bench:
 
     def finish_group(self, group: str, repeats: int) -> None:
         """Time the group's callables interleaved; speedup against the fp32 reference of the same runtime."""
-        from diffpress.eval.cost import latency_side_by_side
-
         fns = self.timers.pop(group, {})
         if not fns:
             return
@@ -217,10 +218,6 @@ class Bench:
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def export(self, den, key: str):
-        from diffpress import export_onnx
-        from diffpress.deploy import OrtDenoiser
-        from diffpress.recipes.run_report import folder_bytes
-
         folder = self.work / key
         t0 = time.perf_counter()
         res = export_onnx(den, folder, force=True)
@@ -293,8 +290,6 @@ def quant_group(b: Bench) -> None:
     # -- ONNX Runtime quantize_static ---------------------------------------------------------------------------
     def ort_static(calib, weight_type: str, ops: list[str] | None = None):
         def build():
-            from diffpress.recipes.run_report import folder_bytes
-
             src = b.work / "fp32-onnx"
             if not (src / "model.onnx").exists():
                 b.export(den, "fp32-onnx")
@@ -304,8 +299,6 @@ def quant_group(b: Bench) -> None:
                 shutil.rmtree(dst)
             shutil.copytree(src, dst)
             ort_quantize_static(src, dst / "model.onnx", calib, weight_type, ops)
-            from diffpress.deploy import OrtDenoiser
-
             seconds = time.perf_counter() - t0 + b.rows.get("fp32-onnx", {}).get("export_seconds", 0.0)
             return OrtDenoiser(dst, threads=b.args.threads), {"runtime": "ort", "bytes": folder_bytes(dst),
                                                               "compress_seconds": round(seconds, 1)}
@@ -336,8 +329,6 @@ def quant_group(b: Bench) -> None:
               "svdquant-int4-w4a4-dynamic": (int4_w, {"num_bits": 4, "block_sizes": {-1: 64, "type": "dynamic"}})}
 
     def modelopt_cfg(name: str):
-        import copy
-
         import modelopt.torch.quantization as mtq
 
         if name not in custom:
@@ -443,10 +434,8 @@ def prune_group(b: Bench) -> None:
     fp32_onnx = b.rows.get("fp32-onnx") and (b.work / "fp32-onnx" / "model.onnx").exists()
     if not fp32_onnx:
         b.row("prune", "fp32-onnx", "none", "fp32", lambda: b.export(den, "fp32-onnx"), sample=False)
-    from diffpress.deploy import OrtDenoiser
 
-    b.time_ort("fp32", OrtDenoiser(b.work / "fp32-onnx", threads=b.args.threads), "prune")
-    b.time_torch("fp32", den, "prune")
+    b.time_ort("fp32", OrtDenoiser(b.work / "fp32-onnx", threads=b.args.threads), "prune")  # the pruned exports' base
     target = recipe.passes[0].config.target
 
     def finish(m, info: dict, key: str):
@@ -488,39 +477,35 @@ def prune_group(b: Bench) -> None:
         cut = round(min(cuts), 3)
         b.row("prune", "diffpress-prune-at-tp-macs", "diffpress", f"fp32, {cut:.1%} fewer MACs",
               diffpress_build(cut, "diffpress-prune-at-tp-macs"))
-    # the ONNX Runtime latency of the pruned exports (fp32 against fp32)
-    b.timers["prune"] = {k: f for k, f in b.timers.get("prune", {}).items() if k[0] == "ort"}
     b.finish_group("prune", b.args.repeats)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-class _DeepCacheHelper:
+def deepcache_helper(den, steps: int):
     """DeepCache's ``DeepCacheSDHelper`` on a diffpress Denoiser's UNet: the package's own block wrapping and
     skip rule; only its timestep lookup (``args[1].item()`` on a one-element tensor) is adapted to a batched
     timestep, matched as a float against the sampler's timesteps."""
+    from types import SimpleNamespace
 
-    def __new__(cls, den, steps: int):
-        from types import SimpleNamespace
+    from DeepCache import DeepCacheSDHelper
 
-        from DeepCache import DeepCacheSDHelper
+    from diffpress.schedulers import make_scheduler
 
-        from diffpress.schedulers import make_scheduler
+    sched = make_scheduler(den, "auto")
+    sched.set_timesteps(steps)
+    stamps = [float(s) for s in sched.timesteps]
 
-        sched = make_scheduler(den, "auto")
-        sched.set_timesteps(steps)
-        stamps = [float(s) for s in sched.timesteps]
+    class Helper(DeepCacheSDHelper):
+        def wrap_unet_forward(self):
+            self.function_dict["unet_forward"] = self.pipe.unet.forward
 
-        class Helper(DeepCacheSDHelper):
-            def wrap_unet_forward(self):
-                self.function_dict["unet_forward"] = self.pipe.unet.forward
+            def wrapped_forward(*args, **kwargs):
+                t = float(torch.as_tensor(args[1]).reshape(-1)[0])
+                self.cur_timestep = min(range(len(stamps)), key=lambda i: abs(stamps[i] - t))
+                return self.function_dict["unet_forward"](*args, **kwargs)
+            self.pipe.unet.forward = wrapped_forward
 
-                def wrapped_forward(*args, **kwargs):
-                    t = float(torch.as_tensor(args[1]).reshape(-1)[0])
-                    self.cur_timestep = min(range(len(stamps)), key=lambda i: abs(stamps[i] - t))
-                    return self.function_dict["unet_forward"](*args, **kwargs)
-                self.pipe.unet.forward = wrapped_forward
-
-        return Helper(SimpleNamespace(unet=den.model, scheduler=sched))
+    return Helper(SimpleNamespace(unet=den.model, scheduler=sched))
 
 
 def cache_group(b: Bench) -> None:
@@ -540,7 +525,7 @@ def cache_group(b: Bench) -> None:
     if is_unet:
         def dc_build():
             m = den.copy()
-            helper = _DeepCacheHelper(m, STEPS)  # wraps m.model's blocks in place
+            helper = deepcache_helper(m, STEPS)  # wraps m.model's blocks in place
             helper.set_params(cache_interval=interval, cache_branch_id=0)
             helper.enable()
             return m, {"runtime": "torch", "macs_fraction": fraction, "macs": round(b.macs * fraction),
@@ -599,9 +584,8 @@ def table(folder: Path) -> str:
                       f"{s['threads']} thread(s); CPU: {s['cpu']})\n",
                       "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
             rows = dict(m["rows"])
-            for runtime in ("ort",):  # the fp32 ONNX export's latency, timed beside the rows that use it
-                if f"fp32-{runtime}" in rows and "fp32-onnx" in rows:
-                    rows["fp32-onnx"] = {**rows["fp32-onnx"], **rows.pop(f"fp32-{runtime}")}
+            if "fp32-ort" in rows and "fp32-onnx" in rows:  # the fp32 export's latency, timed beside its rows
+                rows["fp32-onnx"] = {**rows["fp32-onnx"], **rows.pop("fp32-ort")}
             for key, r in rows.items():
                 if "error" in r:
                     lines.append(f"| {r.get('group', '')} | {key} | {r.get('tool', '')} | {r.get('bits', '')} | "
@@ -647,12 +631,13 @@ def main() -> None:
         print(table(args.out_dir))
         return
     torch.set_num_threads(args.threads)
+    clf, real_feats, skeleton = setup(samples=args.samples, threads=args.threads, cpu=cpu_flags(),
+                                      recover_budget_s=args.recover_budget, cache_search_s=args.cache_search,
+                                      cache_interval=args.cache_interval, groups=args.groups)
+    skeleton["settings"].update(simulated="see each row's runtime / simulated field", versions=versions(),
+                                command=" ".join(sys.argv), platform=platform.platform())
     for name in args.models:
-        clf, real_feats, results = setup(samples=args.samples, threads=args.threads, cpu=cpu_flags(),
-                                         recover_budget_s=args.recover_budget, cache_search_s=args.cache_search,
-                                         cache_interval=args.cache_interval, groups=args.groups)
-        results["settings"].update(simulated="see each row's runtime / simulated field", versions=versions(),
-                                   command=" ".join(sys.argv), platform=platform.platform())
+        results = copy.deepcopy(skeleton)  # one JSON file per model
         b = Bench(name, args, clf, real_feats, results, args.out_dir / f"peers_{name}.json")
         try:
             for group in args.groups:
