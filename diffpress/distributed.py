@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -78,6 +80,84 @@ def gather_pieces(done: dict[int, Any]) -> dict[int, Any]:
     for part in gather(done):
         merged.update(part)
     return dict(sorted(merged.items()))
+
+
+def broadcast(value: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``value`` (any picklable object) on every rank; ``value`` itself for a single process."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src, device=_device())
+    return box[0]
+
+
+def _device() -> torch.device | None:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+
+
+def _broadcast_tensor(tensor: torch.Tensor, src: int) -> None:
+    """In place, whatever device the tensor is on (nccl moves it through the process's GPU)."""
+    dev = _device()
+    if dev is None or tensor.device == dev:
+        dist.broadcast(tensor, src=src)
+    else:
+        moved = tensor.to(dev)
+        dist.broadcast(moved, src=src)
+        tensor.copy_(moved.to(tensor.device))
+
+
+def share_state(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s parameters and buffers (same structure everywhere), in place.
+
+    For work that cannot be identical on every rank: whatever depends on the clock (a time budget, a learning
+    rate or temperature that follows elapsed time) runs everywhere, and rank 0's result is the one kept."""
+    if not active():
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            _broadcast_tensor(tensor.data, src)
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer (names, shapes, dtypes, bytes): equal on all ranks when they hold
+    the same model."""
+    h = hashlib.sha256()
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def reduce_in_order(pieces: int, compute: Callable[[int], tuple[torch.Tensor, Any]],
+                    consume: Callable[[int, torch.Tensor, Any], bool], numel: int,
+                    dtype: torch.dtype = torch.float32) -> None:
+    """Exact reductions over pieces of work, independent of the number of processes.
+
+    Piece ``i`` is computed on rank ``i % N`` as ``compute(i) -> (flat tensor of numel, picklable extra)``; every
+    rank is then handed every piece's result in piece order, ``consume(i, tensor, extra)``, so a sum taken in
+    ``consume`` adds the same numbers in the same order as one process would. ``consume`` returns False to stop
+    (every rank stops at the same piece; pieces of the round in flight are dropped). Memory: two flat tensors.
+
+    >>> total = torch.zeros(3)
+    >>> reduce_in_order(4, lambda i: (torch.full((3,), float(i)), None),
+    ...                 lambda i, x, _: total.add_(x) is not None, numel=3)
+    >>> total.tolist()
+    [6.0, 6.0, 6.0]
+    """
+    rank, size = world()
+    for start in range(0, pieces, size):
+        own = start + rank
+        result = compute(own) if own < pieces else (torch.zeros(numel, dtype=dtype), None)
+        for j in range(min(size, pieces - start)):
+            if size == 1:
+                tensor, extra = result
+            else:
+                tensor = result[0] if j == rank else torch.empty(numel, dtype=dtype)
+                _broadcast_tensor(tensor, j)
+                extra = broadcast(result[1] if j == rank else None, src=j)
+            if not consume(start + j, tensor, extra):
+                return
 
 
 def barrier() -> None:

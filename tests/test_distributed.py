@@ -86,3 +86,64 @@ def test_diffpress_run_under_torchrun_writes_the_single_process_model(tmp_path):
     reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two")]
     assert reports[0]["evaluation"]["fidelity"]["psnr_db"] == reports[1]["evaluation"]["fidelity"]["psnr_db"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "one.safetensors", "two", "two.safetensors"]
+
+
+PRUNE = ["--no-progress", "--set", "calibration.samples=8", "--set", "calibration.batch_size=2",
+         "--set", "calibration.steps=6", "--set", "calibration.policy.count=3", "--set", "passes.0.batch_size=2",
+         "--set", "passes.1.batch_size=8", "--set", "evaluation.samples=4", "--set", "evaluation.steps=6",
+         "--set", "evaluation.latency_repeats=1", "--set", "exports=[]", "--set", "evaluation.metrics=[psnr]"]
+
+
+def test_pruning_importance_under_torchrun_equals_a_single_process(tmp_path):
+    """Gradient importance split over two ranks (pieces summed in order), then W8A8: the same model as one process,
+    bit for bit. Distillation follows the clock (learning rate, stop), so it is not reproducible even in one
+    process: under torchrun every rank keeps rank 0's result, which the runner checks after every pass."""
+    cli = ["-m", "diffpress.cli", "run", "prune30-w8a8", "--model", "digits-dit", *PRUNE]
+    _run([sys.executable, *cli, "--out", "one", "--set", "passes.0.recover=null"], tmp_path)
+    _run([*TORCHRUN, *cli, "--out", "two", "--set", "passes.0.recover=null"], tmp_path)
+    _same_file(*(tmp_path / d / "model" / "compressed.safetensors" for d in ("one", "two")))
+    reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two")]
+    prune = [r["passes"][0] for r in reports]
+    assert prune[0]["importance_steps"] == prune[1]["importance_steps"] >= 1, prune[0]
+    assert prune[0]["macs_after"] == prune[1]["macs_after"] <= 0.72 * prune[0]["macs_before"]
+    assert reports[0]["evaluation"]["fidelity"]["psnr_db"] == reports[1]["evaluation"]["fidelity"]["psnr_db"]
+
+
+CLOCKED = """
+version: 1
+calibration: {samples: 8, batch_size: 2, steps: 6, policy: {kind: uniform, count: 3}}
+passes:
+  - {pass: prune, target: 0.3, batch_size: 4, recover: {time_budget: 600, steps: 6, eval_every: 3, batch_size: 4}}
+  - {pass: quantize, weights: int8, activations: int8, batch_size: 8, reconstruct: {time_budget: 4}}
+  - {pass: cache, budget: 0.6, search: search, samples: 2, holdout: 0, time_budget: 3}
+exports: []
+evaluation: {samples: 4, steps: 6, latency_repeats: 1, metrics: [psnr]}
+"""
+
+
+def test_passes_that_follow_the_clock_leave_every_rank_with_rank_0s_model(tmp_path):
+    """Distillation (learning rate and stop follow elapsed time), block reconstruction and the cache schedule's
+    annealing (both until a deadline) run on every rank, then every rank takes rank 0's result: the runner's
+    check after each pass (all ranks hold the same model) passes, and the run writes."""
+    (tmp_path / "clocked.yaml").write_text(CLOCKED)
+    _run([*TORCHRUN, "-m", "diffpress.cli", "run", "clocked.yaml", "--model", "digits-dit", "--no-progress",
+          "--out", "three"], tmp_path)
+    passes = json.loads((tmp_path / "three" / "report.json").read_text())["passes"]
+    assert [p["pass"] for p in passes] == ["prune", "quantize", "cache"]
+    assert passes[0]["recovery"]["steps"] == 6 and passes[0]["recovery"]["best"] <= passes[0]["recovery"]["initial"]
+    assert any(r["result"] == "adaround" for r in passes[1]["reconstruction"]), passes[1]["reconstruction"]
+    assert passes[2]["macs_fraction"] <= 0.6 and "search" in passes[2]["candidates"]
+
+
+def test_ordered_reduction_equals_a_plain_loop():
+    total, seen = torch.zeros(4), []
+    parts = [torch.randn(4, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+
+    def consume(i, x, extra):
+        seen.append((i, extra))
+        total.add_(x)
+        return i < 3  # stop after piece 3
+
+    distributed.reduce_in_order(5, lambda i: (parts[i], f"p{i}"), consume, numel=4)
+    assert seen == [(0, "p0"), (1, "p1"), (2, "p2"), (3, "p3")]
+    assert torch.equal(total, ((parts[0] + parts[1]) + parts[2]) + parts[3])

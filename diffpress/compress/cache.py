@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
+import diffpress.distributed as distributed
 from diffpress.calibration.dataset import CalibrationSet
 from diffpress.compress import registry
 from diffpress.denoiser import Denoiser
@@ -628,7 +629,8 @@ def cache_(denoiser: Denoiser, config: CacheConfig | None = None, calibration: C
             else tuple(candidates)
         table, best = max((candidates[k] for k in order if k in candidates), key=lambda c: c[1])
         if config.search == "search":
-            table, best = _local_search(schedule, table, best, score, config, progress)
+            # the search runs until a deadline: under torchrun every rank takes rank 0's schedule
+            table, best = distributed.broadcast(_local_search(schedule, table, best, score, config, progress))
             candidates["search"] = (table, best)
         chosen = schedule.with_table(table)
         quant = _refit_quantizers(denoiser, sampling, chosen.table, progress) if config.calibrate_quantizers else {}

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import diffpress.distributed as distributed
 from diffpress.calibration.dataset import CalibrationSet
 from diffpress.compress.recover import RecoverConfig, recover
 from diffpress.compress.registry import PassSpec, register
@@ -170,45 +171,64 @@ def _points(calibration: CalibrationSet, samples: int, seed: int) -> list[int]:
 
 def _gradients(den: Denoiser, calibration: CalibrationSet, config: PruneConfig, progress: bool) \
         -> tuple[dict[str, torch.Tensor], int]:
-    """Accumulated ``dL/dw`` of every parameter over calibration points (low noise first), and the steps used."""
+    """Accumulated ``dL/dw`` of every parameter over calibration points (low noise first), and the steps used.
+
+    The work is split in pieces (one batch of one timestep, its own noise seed) that are spread over the
+    ``torchrun`` processes and summed in piece order (:func:`diffpress.distributed.reduce_in_order`), so the
+    importance is bit-identical for any number of processes."""
     idx = _points(calibration, config.samples, config.seed)
     by_t: dict[float, list[int]] = {}
     for i in idx:
         by_t.setdefault(float(calibration.t[i]), []).append(i)
     order = sorted(by_t)  # low noise first
+    pieces = [(tv, by_t[tv][lo:lo + config.batch_size], len(by_t[tv]))
+              for tv in order for lo in range(0, len(by_t[tv]), config.batch_size)]
+    last = {k for k in range(len(pieces)) if k + 1 == len(pieces) or pieces[k + 1][0] != pieces[k][0]}
     params = dict(den.named_parameters())
-    grads = {k: torch.zeros_like(p) for k, p in params.items()}
-    gen = torch.Generator().manual_seed(config.seed + 1)
-    loss_max, used = 0.0, 0
+    numel = sum(p.numel() for p in params.values())
+    total_grad = torch.zeros(numel)
     was = den.training
     den.eval()
-    bar = tqdm(order, desc="prune: importance", disable=not progress, leave=False)
+
+    def compute(k: int) -> tuple[torch.Tensor, float]:
+        _, part, rows = pieces[k]
+        x, t, cond = calibration.rows(part)
+        with torch.no_grad():
+            x0 = _x0(den, x, t, den(x, t, cond))
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed((config.seed + 1) * 1_000_003 + k))
+        xt, target = _noised(den, x0, t, noise)
+        den.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(den(xt, t, cond), target, reduction="sum") / rows
+        loss.backward()
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().reshape(-1).cpu()
+                          for p in params.values()])
+        return flat, loss.item()
+
+    state = {"used": 0, "loss_max": 0.0, "step_loss": 0.0}
+    bar = tqdm(total=len(pieces), desc="prune: importance", disable=not progress, leave=False)
+
+    def consume(k: int, grad: torch.Tensor, loss: float) -> bool:
+        total_grad.add_(grad)
+        state["step_loss"] += loss
+        bar.update(1)
+        if k not in last:
+            return True
+        state["used"] += 1
+        total, state["step_loss"] = state["step_loss"], 0.0
+        state["loss_max"] = max(state["loss_max"], total)
+        return not (config.importance == "diff_pruning" and total < config.threshold * state["loss_max"])
+
     try:
-        for tv in bar:
-            rows = by_t[tv]
-            total = 0.0
-            for lo in range(0, len(rows), config.batch_size):
-                part = rows[lo:lo + config.batch_size]
-                x, t, cond = calibration.rows(part)
-                with torch.no_grad():
-                    x0 = _x0(den, x, t, den(x, t, cond))
-                noise = torch.randn(x0.shape, generator=gen)
-                xt, target = _noised(den, x0, t, noise)
-                den.zero_grad(set_to_none=True)
-                loss = torch.nn.functional.mse_loss(den(xt, t, cond), target, reduction="sum") / len(rows)
-                loss.backward()
-                total += loss.item()
-                for k, p in params.items():
-                    if p.grad is not None:
-                        grads[k] += p.grad
-            used += 1
-            loss_max = max(loss_max, total)
-            if config.importance == "diff_pruning" and total < config.threshold * loss_max:
-                break
+        distributed.reduce_in_order(len(pieces), compute, consume, numel)
     finally:
+        bar.close()
         den.zero_grad(set_to_none=True)
         den.train(was)
-    return grads, used
+    grads, offset = {}, 0
+    for k, p in params.items():
+        grads[k] = total_grad[offset:offset + p.numel()].view(p.shape)
+        offset += p.numel()
+    return grads, state["used"]
 
 
 def _class_scores(deps: Dependencies, den: Denoiser, grads: dict[str, torch.Tensor] | None) -> np.ndarray:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+import diffpress.distributed as distributed
 from diffpress.errors import DiffpressError
 
 
@@ -151,6 +152,9 @@ def recover(student, teacher, calibration, config: RecoverConfig | None = None, 
             h.remove()
     log = {"steps": step, "seconds": round(time.perf_counter() - start, 1), "initial": initial, "best": best,
            "history": [[round(s, 1), k, v] for s, k, v in history]}
+    # the clock sets the learning rate and the stop: under torchrun every rank keeps rank 0's result
+    distributed.share_state(student)
+    log = distributed.broadcast(log)
     if checkpoints:
         log["states"] = states
     return log

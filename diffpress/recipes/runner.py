@@ -328,6 +328,17 @@ def run_recipe(recipe: str | Path | Recipe, model: str | Path | Denoiser | None 
     return result
 
 
+def _check_ranks_agree(model: Denoiser, where: str) -> None:
+    """Under torchrun every rank must hold the same model after each pass (the next pass merges statistics
+    from all of them); a difference is a defect of a pass, reported here rather than written."""
+    if not distributed.active():
+        return
+    prints = distributed.gather(distributed.fingerprint(model))
+    if len(set(prints)) > 1:
+        raise DiffpressError(f"under torchrun the processes hold different models after {where}; this is a bug in "
+                             "that pass's distributed handling: run it as one process and report it")
+
+
 def _run(recipe: Recipe, model, out, force: bool, progress: bool, cal_path: Path | None, resume: bool,
          stages: _Stages, onnx_cfg, measure_ort: bool) -> RunResult:
     ev = recipe.evaluation
@@ -358,6 +369,7 @@ def _run(recipe: Recipe, model, out, force: bool, progress: bool, cal_path: Path
         for i, step in enumerate(recipe.passes):
             with stages(f"pass {i}: {step.name}", step.spec.description):
                 pass_reports.append(step.spec.apply(compressed, step.config, cs, progress))
+            _check_ranks_agree(compressed, f"pass {i} ({step.name})")
         if not main:  # the other ranks' share is done: rank 0 evaluates, exports and writes
             return None
         eval_sampler, eval_sched = resolve_sampler(reference, ev.sampler)
