@@ -1,6 +1,6 @@
 """Calibration over several processes, and the memory of a calibration set streamed to disk.
 
-    python benchmarks/distributed.py [--part speed prune memory] [--out benchmarks/results/distributed.json]
+    python benchmarks/distributed.py [--part speed prune memory] [--repeats R] [--out benchmarks/results/distributed.json]
 
 ``speed``: ``diffpress run fast --model digits-cond-unet`` (64 calibration trajectories of 50 DDIM steps in 4 chunks
 of 16, 10 steps kept, guidance 3; round-to-nearest W8A8; a 16-sample evaluation, no exports) as one process (torch's
@@ -10,8 +10,9 @@ each run's report), and whether the compressed models are bit-identical.
 
 ``prune``: the same three launches of ``diffpress run prune30 --model digits-cond-unet`` without its recovery
 (``passes.0.recover=null``: distillation follows the clock, so it is neither comparable nor reproducible), same
-calibration: the prune stage (graph capture, dependency units and the diff_pruning gradient importance, whose
-pieces are split over the ranks) and whether the pruned models are bit-identical.
+calibration, Taylor importance over 800 calibration points (every kept timestep: diff_pruning's default stops
+after a few), in pieces of 16 split over the ranks: the prune stage (graph capture, dependency units,
+importance, selection) and whether the pruned models are bit-identical.
 
 ``memory``: the SD 1.5 UNet architecture with random weights at latent 16x16 (4 channels), text states of
 77 x 768 (random, labelled as such), ``diffpress.calibrate`` of 64 trajectories x 10 DDIM steps, all 10 kept,
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,32 +65,41 @@ def _timed(cmd: list[str], cwd: Path, threads: int | None) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
-def speed(work: Path, recipe: str = "fast", extra: tuple[str, ...] = (), stage: str = "pass 0: quantize") -> dict:
+def speed(work: Path, recipe: str = "fast", extra: tuple[str, ...] = (), stage: str = "pass 0: quantize",
+          repeats: int = 1) -> dict:
+    """The three launches, ``repeats`` interleaved rounds; medians of each timing."""
     cli = ["-m", "diffpress.cli", "run", recipe, "--model", "digits-cond-unet"]
     runs = {"1 process, default threads": ([sys.executable, *cli], None),
             "1 process, 1 thread": ([sys.executable, *cli], 1),
             "torchrun 2 processes, 1 thread each": ([*TORCHRUN, *cli], 1)}
-    rows = {}
-    for i, (name, (cmd, threads)) in enumerate(runs.items()):
-        out = f"{recipe}{i}"
-        wall = _timed([*cmd, "--out", out, *RUN, *extra], work, threads)
-        report = json.loads((work / out / "report.json").read_text())
-        timings = report["timings_s"]
-        rows[name] = {"wall_s": wall, "calibrate_s": timings.get("calibrate"),
-                      f"{stage.split(': ')[-1]}_s": timings.get(stage), "evaluate_s": timings.get("evaluate"),
-                      "psnr_db": report["evaluation"]["fidelity"]["psnr_db"]}
-        print(name, rows[name], flush=True)
+    seen: dict[str, list[dict]] = {name: [] for name in runs}
+    for r in range(repeats):
+        for i, (name, (cmd, threads)) in enumerate(runs.items()):
+            out = f"{recipe}{i}-{r}"
+            wall = _timed([*cmd, "--out", out, *RUN, *extra], work, threads)
+            report = json.loads((work / out / "report.json").read_text())
+            timings = report["timings_s"]
+            row = {"wall_s": wall, "calibrate_s": timings.get("calibrate"),
+                   f"{stage.split(': ')[-1]}_s": timings.get(stage), "evaluate_s": timings.get("evaluate"),
+                   "psnr_db": report["evaluation"]["fidelity"]["psnr_db"]}
+            if "importance_seconds" in report["passes"][0]:
+                row["importance_s"] = round(report["passes"][0]["importance_seconds"], 2)
+            seen[name].append(row)
+            print(name, row, flush=True)
+    rows = {name: {k: statistics.median(row[k] for row in got) for k in got[0]} | {"repeats": len(got)}
+            for name, got in seen.items()}
     from safetensors import safe_open
 
-    files = [safe_open(str(work / f"{recipe}{i}" / "model" / "compressed.safetensors"), "pt") for i in range(len(runs))]
+    files = [safe_open(str(p), "pt") for p in sorted(work.glob(f"{recipe}*-*/model/compressed.safetensors"))]
     rows["models_bit_identical"] = all(
         list(f.keys()) == list(files[0].keys()) and all(f.get_tensor(k).equal(files[0].get_tensor(k)) for k in f.keys())
         for f in files[1:])
     return rows
 
 
-def prune(work: Path) -> dict:
-    return speed(work, "prune30", ("--set", "passes.0.recover=null"), "pass 0: prune")
+def prune(work: Path, repeats: int = 1) -> dict:
+    return speed(work, "prune30", ("--set", "passes.0.recover=null", "--set", "passes.0.importance=taylor",
+                                   "--set", "passes.0.samples=800"), "pass 0: prune", repeats)
 
 
 def memory(work: Path) -> dict:
@@ -109,6 +120,8 @@ def memory(work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", nargs="+", default=["speed", "prune", "memory"], choices=["speed", "prune", "memory"])
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the speed / prune launches "
+                        "(medians reported)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/distributed.json"))
     args = parser.parse_args()
     import torch
@@ -121,7 +134,8 @@ def main() -> None:
         results.update({k: v for k, v in json.loads(args.out.read_text()).items() if k in ("speed", "prune", "memory")})
     with tempfile.TemporaryDirectory(prefix="diffpress-dist-") as tmp:
         for part in args.part:
-            results[part] = {"speed": speed, "prune": prune, "memory": memory}[part](Path(tmp))
+            fn = {"speed": speed, "prune": prune, "memory": memory}[part]
+            results[part] = fn(Path(tmp)) if part == "memory" else fn(Path(tmp), repeats=args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

@@ -106,6 +106,7 @@ class PruneReport:
     layers: list[dict[str, Any]]
     importance: str
     importance_steps: int = 0
+    importance_seconds: float = 0.0
     seconds: float = 0.0
     recovery: dict[str, Any] | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)
@@ -181,8 +182,11 @@ def _gradients(den: Denoiser, calibration: CalibrationSet, config: PruneConfig, 
     for i in idx:
         by_t.setdefault(float(calibration.t[i]), []).append(i)
     order = sorted(by_t)  # low noise first
-    pieces = [(tv, by_t[tv][lo:lo + config.batch_size], len(by_t[tv]))
-              for tv in order for lo in range(0, len(by_t[tv]), config.batch_size)]
+    pieces = []  # a timestep's rows in near-equal batches of at most batch_size (ranks wait for the largest)
+    for tv in order:
+        rows = by_t[tv]
+        cuts = np.linspace(0, len(rows), -(-len(rows) // config.batch_size) + 1).round().astype(int)
+        pieces += [(tv, rows[lo:hi], len(rows)) for lo, hi in zip(cuts[:-1], cuts[1:])]
     last = {k for k in range(len(pieces)) if k + 1 == len(pieces) or pieces[k + 1][0] != pieces[k][0]}
     params = dict(den.named_parameters())
     numel = sum(p.numel() for p in params.values())
@@ -559,8 +563,10 @@ def prune_(den: Denoiser, config: PruneConfig | None = None, calibration: Calibr
         raise DiffpressError("prune: no removable channel, group or head in this model with these settings "
                              f"(granularity {config.granularity}, skip_roles {config.skip_roles}, skip {config.skip})")
     grads, used = (None, 0)
+    t_importance = time.perf_counter()
     if config.importance != "magnitude":
         grads, used = _gradients(den, calibration, config, progress)
+    t_importance = time.perf_counter() - t_importance
     scores = _class_scores(deps, den, grads)
     removed, units = _select_runnable(den, deps, units, scores, config, skipped)
     zero = np.zeros(len(deps.cls), dtype=bool)
@@ -580,7 +586,7 @@ def prune_(den: Denoiser, config: PruneConfig | None = None, calibration: Calibr
                          max(u.macs for u in units) / per, layers, config.importance, used, skipped=skipped)
     if teacher is not None:
         report.recovery = recover(den, teacher, calibration, config.recover, progress=progress)
-    report.seconds = time.perf_counter() - start
+    report.seconds, report.importance_seconds = time.perf_counter() - start, t_importance
     record["report"] = {"macs_before": report.macs_before, "macs_after": report.macs_after,
                         "params_before": report.params_before, "params_after": report.params_after,
                         "units_removed": counts, "recovery": report.recovery}
