@@ -129,34 +129,30 @@ def fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def reduce_in_order(pieces: int, compute: Callable[[int], tuple[torch.Tensor, Any]],
-                    consume: Callable[[int, torch.Tensor, Any], bool], numel: int,
+def reduce_in_order(pieces: int, compute: Callable[[int], torch.Tensor],
+                    consume: Callable[[int, torch.Tensor], bool], numel: int,
                     dtype: torch.dtype = torch.float32) -> None:
     """Exact reductions over pieces of work, independent of the number of processes.
 
-    Piece ``i`` is computed on rank ``i % N`` as ``compute(i) -> (flat tensor of numel, picklable extra)``; every
-    rank is then handed every piece's result in piece order, ``consume(i, tensor, extra)``, so a sum taken in
-    ``consume`` adds the same numbers in the same order as one process would. ``consume`` returns False to stop
-    (every rank stops at the same piece; pieces of the round in flight are dropped). Memory: two flat tensors.
+    Piece ``i`` is computed on rank ``i % N`` as ``compute(i)``, a flat tensor of ``numel`` elements; every rank is
+    then handed every piece's result in piece order, ``consume(i, tensor)``, so a sum taken in ``consume`` adds the
+    same numbers in the same order as one process would. ``consume`` returns False to stop (every rank stops at the
+    same piece; pieces of the round in flight are dropped). Memory: two flat tensors.
 
     >>> total = torch.zeros(3)
-    >>> reduce_in_order(4, lambda i: (torch.full((3,), float(i)), None),
-    ...                 lambda i, x, _: total.add_(x) is not None, numel=3)
+    >>> reduce_in_order(4, lambda i: torch.full((3,), float(i)), lambda i, x: total.add_(x) is not None, numel=3)
     >>> total.tolist()
     [6.0, 6.0, 6.0]
     """
     rank, size = world()
     for start in range(0, pieces, size):
         own = start + rank
-        result = compute(own) if own < pieces else (torch.zeros(numel, dtype=dtype), None)
+        result = compute(own) if own < pieces else None
         for j in range(min(size, pieces - start)):
-            if size == 1:
-                tensor, extra = result
-            else:
-                tensor = result[0] if j == rank else torch.empty(numel, dtype=dtype)
-                _broadcast_tensor(tensor, j)
-                extra = broadcast(result[1] if j == rank else None, src=j)
-            if not consume(start + j, tensor, extra):
+            tensor = result if j == rank else torch.empty(numel, dtype=dtype)
+            if size > 1:
+                _broadcast_tensor(tensor, j)  # the owner sends its piece, the others receive it
+            if not consume(start + j, tensor):
                 return
 
 

@@ -324,7 +324,9 @@ def svd_r(w: torch.Tensor, rank: int, method: str = "full") -> tuple[torch.Tenso
     """
     w = w.double()
     if method == "randomized" and 2 * (rank + 10) <= min(w.shape):
-        u, s, v = torch.svd_lowrank(w, q=rank + 10, niter=4)
+        with torch.random.fork_rng(devices=[]):  # its random test matrix: the same on every run and every rank
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(w, q=rank + 10, niter=4)
         return u[:, :rank] * s[:rank], v[:, :rank].T
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return u[:, :rank] * s[:rank], vh[:rank]

@@ -194,7 +194,7 @@ def _gradients(den: Denoiser, calibration: CalibrationSet, config: PruneConfig, 
     was = den.training
     den.eval()
 
-    def compute(k: int) -> tuple[torch.Tensor, float]:
+    def compute(k: int) -> torch.Tensor:  # the flat gradient, then the loss (a float32 value: exact)
         _, part, rows = pieces[k]
         x, t, cond = calibration.rows(part)
         with torch.no_grad():
@@ -204,16 +204,15 @@ def _gradients(den: Denoiser, calibration: CalibrationSet, config: PruneConfig, 
         den.zero_grad(set_to_none=True)
         loss = torch.nn.functional.mse_loss(den(xt, t, cond), target, reduction="sum") / rows
         loss.backward()
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().reshape(-1).cpu()
-                          for p in params.values()])
-        return flat, loss.item()
+        return torch.cat([*((p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().reshape(-1).cpu()
+                            for p in params.values()), loss.detach().float().reshape(1).cpu()])
 
     state = {"used": 0, "loss_max": 0.0, "step_loss": 0.0}
     bar = tqdm(total=len(pieces), desc="prune: importance", disable=not progress, leave=False)
 
-    def consume(k: int, grad: torch.Tensor, loss: float) -> bool:
-        total_grad.add_(grad)
-        state["step_loss"] += loss
+    def consume(k: int, piece: torch.Tensor) -> bool:
+        total_grad.add_(piece[:-1])
+        state["step_loss"] += piece[-1].item()
         bar.update(1)
         if k not in last:
             return True
@@ -223,7 +222,7 @@ def _gradients(den: Denoiser, calibration: CalibrationSet, config: PruneConfig, 
         return not (config.importance == "diff_pruning" and total < config.threshold * state["loss_max"])
 
     try:
-        distributed.reduce_in_order(len(pieces), compute, consume, numel)
+        distributed.reduce_in_order(len(pieces), compute, consume, numel + 1)
     finally:
         bar.close()
         den.zero_grad(set_to_none=True)
