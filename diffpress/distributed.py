@@ -5,7 +5,11 @@ Under ``torchrun --nproc_per_node N`` (or any launcher that sets ``RANK`` / ``WO
 (calibration trajectories in chunks of ``batch_size`` seeds, observer batches of one timestep) that every
 process computes exactly as a single process would; piece ``i`` goes to rank ``i % N``; results are gathered and
 combined in piece order, so the calibration set, the statistics and the compressed model are bit-identical to a
-single-process run. Rank 0 writes files. One process stays the default: without a launcher nothing changes.
+single-process run; sums of tensors (pruning's gradients) go through :func:`reduce_in_order`, which adds the
+pieces in piece order on every rank. Work whose result follows the clock (a time budget) runs on every rank and
+:func:`share_state` / :func:`broadcast` give every rank rank 0's result; :func:`fingerprint` tells whether all
+ranks hold the same model. Rank 0 writes files. One process stays the default: without a launcher nothing
+changes.
 
 >>> init(), world()  # no launcher: one process
 (False, (0, 1))
@@ -15,8 +19,8 @@ single-process run. Rank 0 writes files. One process stays the default: without 
 from __future__ import annotations
 
 import datetime
-import os
 import hashlib
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -83,7 +87,11 @@ def gather_pieces(done: dict[int, Any]) -> dict[int, Any]:
 
 
 def broadcast(value: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``value`` (any picklable object) on every rank; ``value`` itself for a single process."""
+    """Rank ``src``'s ``value`` (any picklable object) on every rank; ``value`` itself for a single process.
+
+    >>> broadcast({"schedule": [1, 0, 1]})  # one process: the value itself
+    {'schedule': [1, 0, 1]}
+    """
     if not active():
         return value
     box = [value]
@@ -110,7 +118,14 @@ def share_state(module: torch.nn.Module, src: int = 0) -> None:
     """Give every rank rank ``src``'s parameters and buffers (same structure everywhere), in place.
 
     For work that cannot be identical on every rank: whatever depends on the clock (a time budget, a learning
-    rate or temperature that follows elapsed time) runs everywhere, and rank 0's result is the one kept."""
+    rate or temperature that follows elapsed time) runs everywhere, and rank 0's result is the one kept.
+
+    >>> layer = torch.nn.Linear(2, 2)
+    >>> before = fingerprint(layer)
+    >>> share_state(layer)  # one process: nothing to share
+    >>> fingerprint(layer) == before
+    True
+    """
     if not active():
         return
     with torch.no_grad():
@@ -120,7 +135,18 @@ def share_state(module: torch.nn.Module, src: int = 0) -> None:
 
 def fingerprint(module: torch.nn.Module) -> str:
     """A hash of every parameter and buffer (names, shapes, dtypes, bytes): equal on all ranks when they hold
-    the same model."""
+    the same model.
+
+    >>> a = torch.nn.Linear(2, 2)
+    >>> b = torch.nn.Linear(2, 2)
+    >>> _ = b.load_state_dict(a.state_dict())
+    >>> fingerprint(a) == fingerprint(b)
+    True
+    >>> with torch.no_grad():
+    ...     _ = b.bias.add_(1e-7)
+    >>> fingerprint(a) == fingerprint(b)
+    False
+    """
     h = hashlib.sha256()
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         t = tensor.detach().cpu().contiguous()
