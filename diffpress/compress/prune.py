@@ -195,14 +195,14 @@ def _gradients(den: Denoiser, calibration: CalibrationSet, config: PruneConfig, 
     den.eval()
 
     def compute(k: int) -> torch.Tensor:  # the flat gradient, then the loss (a float32 value: exact)
-        _, part, rows = pieces[k]
+        _, part, n_rows = pieces[k]
         x, t, cond = calibration.rows(part)
         with torch.no_grad():
             x0 = _x0(den, x, t, den(x, t, cond))
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed((config.seed + 1) * 1_000_003 + k))
         xt, target = _noised(den, x0, t, noise)
         den.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(den(xt, t, cond), target, reduction="sum") / rows
+        loss = torch.nn.functional.mse_loss(den(xt, t, cond), target, reduction="sum") / n_rows
         loss.backward()
         return torch.cat([*((p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().reshape(-1).cpu()
                             for p in params.values()), loss.detach().float().reshape(1).cpu()])

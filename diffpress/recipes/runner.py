@@ -107,7 +107,7 @@ def model_fingerprint(denoiser: Denoiser) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name, t in denoiser.state_dict().items():
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -333,7 +333,7 @@ def _check_ranks_agree(model: Denoiser, where: str) -> None:
     from all of them); a difference is a defect of a pass, reported here rather than written."""
     if not distributed.active():
         return
-    prints = distributed.gather(distributed.fingerprint(model))
+    prints = distributed.gather(model_fingerprint(model))
     if len(set(prints)) > 1:
         raise DiffpressError(f"under torchrun the processes hold different models after {where}; this is a bug in "
                              "that pass's distributed handling: run it as one process and report it")
